@@ -1,0 +1,25 @@
+"""One module per stage; each exposes `run(cfg) -> dict` and is looked up by `cfg.stage.name`."""
+
+from __future__ import annotations
+
+import importlib
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+STAGES = {"generate": "lfm2_train.stages.generate"}
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; available: {sorted(STAGES)}")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return importlib.import_module(STAGES[name]).run(cfg)

@@ -1,0 +1,90 @@
+"""`stage=generate`: complete prompts with a checkpoint (or a random-weight preset for a smoke run)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ..inference import SamplingConfig, generate
+from ..model import LFM2ForCausalLM, get_preset
+from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def load_model(stage: DictConfig) -> LFM2ForCausalLM:
+    if stage.dtype not in DTYPES:
+        raise ValueError(f"stage.dtype={stage.dtype!r}; choose one of {sorted(DTYPES)}")
+    dtype = DTYPES[stage.dtype]
+    if stage.checkpoint:
+        return LFM2ForCausalLM.from_pretrained(
+            stage.checkpoint, dtype=dtype, attn_implementation=stage.attn_implementation
+        ).eval()
+    config = get_preset(stage.preset).replace(attn_implementation=stage.attn_implementation)
+    return LFM2ForCausalLM(config).to(dtype).eval()
+
+
+def load_tokenizer(stage: DictConfig, model: LFM2ForCausalLM) -> LFM2Tokenizer:
+    """The checkpoint's own tokenizer wins; an explicit `stage.tokenizer` overrides; else the bundled one."""
+    if stage.tokenizer:
+        path = Path(stage.tokenizer)
+    elif stage.checkpoint and (Path(stage.checkpoint) / "tokenizer.json").is_file():
+        path = Path(stage.checkpoint)
+    elif stage.checkpoint:
+        raise FileNotFoundError(f"{stage.checkpoint} has no tokenizer.json; pass stage.tokenizer=<dir>")
+    else:
+        path = tiny_tokenizer_path()
+    tokenizer = LFM2Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}: they were not made for each other"
+        )
+    return tokenizer
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    stage = cfg.stage
+    model = load_model(stage)
+    tokenizer = load_tokenizer(stage, model)
+    if stage.chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in stage.prompts]
+    else:
+        prompts = [[tokenizer.bos_token_id, *tokenizer.encode(p)] for p in stage.prompts]
+    stops = {model.config.eos_token_id, tokenizer.eos_token_id}
+    if tokenizer.eod_token_id is not None:
+        stops.add(tokenizer.eod_token_id)
+    sampling = SamplingConfig(
+        max_new_tokens=stage.max_new_tokens, temperature=stage.temperature, top_k=stage.top_k,
+        top_p=stage.top_p, min_p=stage.min_p, repetition_penalty=stage.repetition_penalty,
+        stop_token_ids=sorted(stops), seed=cfg.seed,
+    )
+    start = time.perf_counter()
+    out = generate(model, prompts, sampling)
+    elapsed = time.perf_counter() - start
+    n_new = sum(len(t) for t in out.tokens)
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for text, ids, reason in zip(stage.prompts, out.tokens, out.finish_reasons):
+        completion = tokenizer.decode(ids, skip_special_tokens=True)
+        records.append({"prompt": text, "completion": completion, "tokens": ids, "finish_reason": reason})
+        print(f"\n>>> {text}\n{completion}\n[{len(ids)} tokens, {reason}]")
+    with open(out_dir / "generations.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    if not stage.checkpoint and stage.save_checkpoint:
+        # A random-weight preset is still a valid Hugging Face checkpoint: keep it for later stages.
+        model.save_pretrained(out_dir / "checkpoint")
+        tokenizer.save_pretrained(out_dir / "checkpoint")
+    summary = {"prompts": len(prompts), "new_tokens": n_new, "seconds": round(elapsed, 3),
+               "tokens_per_s": round(n_new / max(elapsed, 1e-9), 1), "output_dir": str(out_dir)}
+    print(f"\n{n_new} tokens in {elapsed:.2f}s ({summary['tokens_per_s']} tok/s); outputs in {out_dir}")
+    return summary
