@@ -1,0 +1,1 @@
+"""Runtime data: the token-shard format and readers the trainer memory-maps."""
