@@ -11,7 +11,7 @@ from .stages import run_stage
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="lfm2_train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="lfm2_train")
 def main(cfg: DictConfig) -> None:
     run_stage(cfg)
 

@@ -1,4 +1,9 @@
-"""Config schemas. Each stage owns one dataclass; `RootConfig` holds what every stage shares."""
+"""Config schemas: one dataclass per group, registered in Hydra's ConfigStore.
+
+Groups: `stage`, `model`, `data`, `optim`, `trainer`, `distributed`, `logger`, plus `recipe` (YAML files in
+`lfm2_train/conf/recipe/` that set values across groups). Every node is typed, so a misspelled key in a
+YAML file or on the command line fails with Hydra's "Key 'x' not in 'YConfig'" naming it.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,101 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+# ------------------------------------------------------------------------------------------------ model
+@dataclass
+class ModelConfig:
+    """Where the weights come from: `init_from` (an HF LFM2 directory) wins over `preset` (random init)."""
+
+    preset: str = "tiny"
+    init_from: str | None = None
+    # LFM2Config fields to change on top of the preset (e.g. {hidden_size: 256}); validated by LFM2Config.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attn | eager
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class PacingSchema:
+    kind: str = "none"  # none | linear | root | step
+    start_fraction: float = 0.2  # share of the easy->hard order admitted at the start
+    full_at: float = 0.8  # training progress at which everything is admitted
+    steps: list[Any] = field(default_factory=list)  # kind=step: [[progress, fraction], ...]
+
+
+@dataclass
+class DataConfig:
+    """A tokenized dataset directory (see `lfm2_train/data/format.py`); None = the bundled corpus."""
+
+    path: str | None = None
+    tokenizer: str | None = None  # None: the dataset's recorded tokenizer / the bundled one
+    seq_len: int = 256
+    order: str | None = None  # name of a curriculum order file under <path>/order/; None = seeded shuffle
+    pacing: PacingSchema = field(default_factory=PacingSchema)
+    val_fraction: float = 0.02
+    val_max_documents: int = 256
+    verify_hashes: bool = True  # re-hash every shard before the first step
+    seed: int = 1234
+
+
+# ------------------------------------------------------------------------------------------------ optim
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "embedding", "bias"])  # also: "conv"
+    # constant | cosine | linear | wsd (warmup-stable-decay) | decay (mid-training: fast decay from the start)
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+    decay_shape: str = "linear"  # wsd / decay: linear | cosine | sqrt
+    grad_clip: float = 1.0  # 0 = off
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <checkpoint dir>
+    max_nan_skips: int = 3
+    log_every: int = 1
+    progress_bar: bool = True
+    stop_after_steps: int | None = None  # debug: behave as if SIGTERM arrived after this step
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "none"  # none | ddp | fsdp2 | deepspeed
+    zero_stage: int = 2  # deepspeed only: 1 | 2 | 3
+    dist_backend: str | None = None  # torch.distributed backend; None = nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "lfm2_train"
+    run_name: str | None = None
+    plot: bool = True  # loss-curve PNG at the end
+
+
+# ------------------------------------------------------------------------------------------------ stages
 @dataclass
 class GenerateStageConfig:
-    """`stage=generate`: load a checkpoint (or build a preset with random weights) and complete prompts."""
+    """`stage=generate`: complete prompts with `model.init_from` (or the preset with random weights)."""
 
     name: str = "generate"
-    checkpoint: str | None = None  # Hugging Face LFM2 directory; None = `preset` with random weights
-    preset: str = "tiny"  # used only when checkpoint is None
     tokenizer: str | None = None  # default: the checkpoint's own tokenizer, else the bundled tiny one
     prompts: list[str] = field(default_factory=lambda: ["The quick brown fox"])
     chat: bool = False  # wrap each prompt as a user turn with the chat template
@@ -26,20 +119,58 @@ class GenerateStageConfig:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     dtype: str = "float32"  # float32 | bfloat16
-    attn_implementation: str = "sdpa"  # sdpa | flash_attn | eager
     save_checkpoint: bool = True  # write the model (HF format) into the run directory
 
 
 @dataclass
+class PretrainStageConfig:
+    """`stage=pretrain`: next-token prediction on packed token shards (also used for mid-training)."""
+
+    name: str = "pretrain"
+
+
+@dataclass
 class RootConfig:
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"stage": "generate"}])
+    defaults: list[Any] = field(default_factory=lambda: [
+        "_self_",
+        {"stage": "generate"},
+        {"model": "tiny"},
+        {"data": "default"},
+        {"optim": "adamw"},
+        {"trainer": "default"},
+        {"distributed": "none"},
+        {"logger": "default"},
+        {"recipe": None},
+    ])
     stage: Any = MISSING
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    distributed: DistributedConfig = MISSING
+    logger: LoggerConfig = MISSING
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch's default
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
 def register_configs() -> None:
+    from ..model.presets import PRESETS
+
     cs = ConfigStore.instance()
     cs.store(name="lfm2_train", node=RootConfig)
     cs.store(group="stage", name="generate", node=GenerateStageConfig)
+    cs.store(group="stage", name="pretrain", node=PretrainStageConfig)
+    for preset in PRESETS:
+        cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
+    cs.store(group="data", name="default", node=DataConfig)
+    cs.store(group="optim", name="adamw", node=OptimConfig)
+    cs.store(group="trainer", name="default", node=TrainerConfig)
+    cs.store(group="distributed", name="none", node=DistributedConfig(backend="none"))
+    cs.store(group="distributed", name="ddp", node=DistributedConfig(backend="ddp"))
+    cs.store(group="distributed", name="fsdp2", node=DistributedConfig(backend="fsdp2"))
+    for stage in (1, 2, 3):
+        node = DistributedConfig(backend="deepspeed", zero_stage=stage)
+        cs.store(group="distributed", name=f"zero{stage}", node=node)
+    cs.store(group="logger", name="default", node=LoggerConfig)
+    cs.store(group="logger", name="disabled", node=LoggerConfig(wandb=False, wandb_mode="disabled", plot=False))

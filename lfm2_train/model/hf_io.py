@@ -101,13 +101,8 @@ def _init_runtime_buffers(model: LFM2ForCausalLM, device: torch.device | str) ->
                 module.expert_bias = torch.zeros(model.config.num_experts, dtype=torch.float32, device=device)
 
 
-def load_pretrained(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | str | None = torch.float32,
-    device: torch.device | str = "cpu",
-    attn_implementation: str | None = None,
-) -> LFM2ForCausalLM:
+def read_config(path: str | Path) -> LFM2Config:
+    """config.json of a checkpoint directory; refuses other model types with a message naming them."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -120,18 +115,17 @@ def load_pretrained(
             f"{path} holds a {raw.get('model_type')!r} model (config.json model_type); "
             "lfm2_train loads only 'lfm2' and 'lfm2_moe' checkpoints"
         )
-    config = LFM2Config.from_hf_dict(raw, source=str(config_file))
-    if attn_implementation is not None:
-        config = config.replace(attn_implementation=attn_implementation)
-    if dtype == "auto":
-        dtype = None
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    return LFM2Config.from_hf_dict(raw, source=str(config_file))
 
+
+def read_state_dict(path: str | Path, config: LFM2Config, dtype: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Our state dict (tied head included) from a checkpoint, checked key by key and shape by shape."""
+    path = Path(path)
     with torch.device("meta"):
-        model = LFM2ForCausalLM(config)
+        reference = LFM2ForCausalLM(config).state_dict()
     state = _to_internal(path, config, dtype)
-    expected = set(model.state_dict())
+    expected = set(reference)
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state.pop("lm_head.weight", None)  # some exporters write the tied head anyway
@@ -141,7 +135,6 @@ def load_pretrained(
             f"{path} does not match its config.json: missing {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    reference = model.state_dict()
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(reference[key].shape):
             raise CheckpointError(
@@ -150,7 +143,26 @@ def load_pretrained(
             )
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    state = {k: v.to(device) for k, v in state.items()}
+    return state
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = torch.float32,
+    device: torch.device | str = "cpu",
+    attn_implementation: str | None = None,
+) -> LFM2ForCausalLM:
+    config = read_config(path)
+    if attn_implementation is not None:
+        config = config.replace(attn_implementation=attn_implementation)
+    if dtype == "auto":
+        dtype = None
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    state = {k: v.to(device) for k, v in read_state_dict(path, config, dtype).items()}
+    with torch.device("meta"):
+        model = LFM2ForCausalLM(config)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -170,10 +182,11 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def to_disk_tensors(model: LFM2ForCausalLM, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def to_disk_tensors(state: dict[str, torch.Tensor], config: LFM2Config, dtype: torch.dtype | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (disk key, tensor) in checkpoint layout: experts split per expert, tied head dropped."""
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+    for key, tensor in state.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if not key.endswith("expert_bias") and dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
@@ -192,6 +205,18 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
 ) -> Path:
+    return write_checkpoint(model.state_dict(), model.config, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def write_checkpoint(
+    state: dict[str, torch.Tensor],
+    config: LFM2Config,
+    path: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """A Hugging Face directory from a state dict (our keys): safetensors, config.json, generation_config."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for stale in [*path.glob("model*.safetensors"), path / SAFE_INDEX]:
@@ -200,7 +225,7 @@ def save_pretrained(
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
-    for key, tensor in to_disk_tensors(model, dtype):
+    for key, tensor in to_disk_tensors(state, config, dtype):
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and sizes[-1] + nbytes > limit:
             shards.append({})
@@ -222,12 +247,12 @@ def save_pretrained(
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (path / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    model.config.save(path)
-    generation = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id,
-                  "pad_token_id": model.config.pad_token_id}
+    config.save(path)
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.pad_token_id}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return path
 
 
-__all__ = ["CheckpointError", "LFM2ConfigError", "iter_checkpoint_tensors", "load_pretrained", "save_pretrained",
-           "to_disk_tensors"]
+__all__ = ["CheckpointError", "LFM2ConfigError", "iter_checkpoint_tensors", "load_pretrained", "read_config",
+           "read_state_dict", "save_pretrained", "to_disk_tensors", "write_checkpoint"]

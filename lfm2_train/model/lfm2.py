@@ -7,7 +7,9 @@ activation checkpointing or compilation; those are applied from outside.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -173,12 +175,20 @@ class LFM2ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: InferenceCache | None = None,
         logits_to_keep: int = 0,
-    ) -> torch.Tensor:
-        """Logits (B, T, V); with `logits_to_keep=n` only the last n positions (prefill needs one)."""
+        head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
+        """Logits (B, T, V); with `logits_to_keep=n` only the last n positions (prefill needs one).
+
+        `head_fn(hidden (B, T, d), head_weight (V, d))` replaces the LM head: training losses use it to
+        compute logits chunk by chunk (never the full fp32 (B*T, V) tensor). It runs inside `forward`, so
+        DDP / FSDP / DeepSpeed wrappers see every parameter used where they expect it.
+        """
         h = self.model(input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask,
                        cache=cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if head_fn is not None:
+            return head_fn(h, self.lm_head.weight)
         return self.lm_head(h)
 
     # ---------------------------------------------------------------- helpers

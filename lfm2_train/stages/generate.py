@@ -11,32 +11,21 @@ import torch
 from omegaconf import DictConfig
 
 from ..inference import SamplingConfig, generate
-from ..model import LFM2ForCausalLM, get_preset
+from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
+from .common import build_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def load_model(stage: DictConfig) -> LFM2ForCausalLM:
-    if stage.dtype not in DTYPES:
-        raise ValueError(f"stage.dtype={stage.dtype!r}; choose one of {sorted(DTYPES)}")
-    dtype = DTYPES[stage.dtype]
-    if stage.checkpoint:
-        return LFM2ForCausalLM.from_pretrained(
-            stage.checkpoint, dtype=dtype, attn_implementation=stage.attn_implementation
-        ).eval()
-    config = get_preset(stage.preset).replace(attn_implementation=stage.attn_implementation)
-    return LFM2ForCausalLM(config).to(dtype).eval()
-
-
-def load_tokenizer(stage: DictConfig, model: LFM2ForCausalLM) -> LFM2Tokenizer:
+def load_tokenizer(stage: DictConfig, checkpoint: str | None, model: LFM2ForCausalLM) -> LFM2Tokenizer:
     """The checkpoint's own tokenizer wins; an explicit `stage.tokenizer` overrides; else the bundled one."""
     if stage.tokenizer:
         path = Path(stage.tokenizer)
-    elif stage.checkpoint and (Path(stage.checkpoint) / "tokenizer.json").is_file():
-        path = Path(stage.checkpoint)
-    elif stage.checkpoint:
-        raise FileNotFoundError(f"{stage.checkpoint} has no tokenizer.json; pass stage.tokenizer=<dir>")
+    elif checkpoint and (Path(checkpoint) / "tokenizer.json").is_file():
+        path = Path(checkpoint)
+    elif checkpoint:
+        raise FileNotFoundError(f"{checkpoint} has no tokenizer.json; pass stage.tokenizer=<dir>")
     else:
         path = tiny_tokenizer_path()
     tokenizer = LFM2Tokenizer.from_pretrained(path)
@@ -50,8 +39,10 @@ def load_tokenizer(stage: DictConfig, model: LFM2ForCausalLM) -> LFM2Tokenizer:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.stage
-    model = load_model(stage)
-    tokenizer = load_tokenizer(stage, model)
+    if stage.dtype not in DTYPES:
+        raise ValueError(f"stage.dtype={stage.dtype!r}; choose one of {sorted(DTYPES)}")
+    model = build_model(cfg.model).to(DTYPES[stage.dtype]).eval()
+    tokenizer = load_tokenizer(stage, cfg.model.init_from, model)
     if stage.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in stage.prompts]
@@ -80,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with open(out_dir / "generations.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    if not stage.checkpoint and stage.save_checkpoint:
+    if not cfg.model.init_from and stage.save_checkpoint:
         # A random-weight preset is still a valid Hugging Face checkpoint: keep it for later stages.
         model.save_pretrained(out_dir / "checkpoint")
         tokenizer.save_pretrained(out_dir / "checkpoint")

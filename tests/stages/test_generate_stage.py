@@ -41,7 +41,7 @@ def test_generate_from_checkpoint_is_deterministic(tmp_path: Path) -> None:
     first = tmp_path / "first"
     run_stage(_cfg(first, "stage.max_new_tokens=5", "seed=3"))
     again = tmp_path / "again"
-    run_stage(_cfg(again, f"stage.checkpoint={first / 'checkpoint'}", "stage.max_new_tokens=5", "stage.chat=false"))
+    run_stage(_cfg(again, f"model.init_from={first / 'checkpoint'}", "stage.max_new_tokens=5", "stage.chat=false"))
     a = json.loads((first / "generations.jsonl").read_text())
     b = json.loads((again / "generations.jsonl").read_text())
     assert a["tokens"] == b["tokens"]
@@ -67,7 +67,7 @@ def test_bad_dtype_and_missing_tokenizer_are_clear(tmp_path: Path) -> None:
     run_stage(_cfg(tmp_path / "a", "stage.max_new_tokens=1"))
     (tmp_path / "a" / "checkpoint" / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="stage.tokenizer"):
-        run_stage(_cfg(tmp_path / "b", f"stage.checkpoint={tmp_path / 'a' / 'checkpoint'}"))
+        run_stage(_cfg(tmp_path / "b", f"model.init_from={tmp_path / 'a' / 'checkpoint'}"))
 
 
 def test_module_entry_point(tmp_path: Path) -> None:

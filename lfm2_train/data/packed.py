@@ -1,0 +1,124 @@
+"""Fixed-length packed rows from a document sequence, with document ids and an exact resume state.
+
+Documents are read in a given order (curriculum, paced, or a seeded shuffle) and concatenated into rows
+of `seq_len + 1` tokens; a document that does not fit continues at the start of the next row (as a new
+segment: positions restart, nothing is attended across rows). Labels that would predict the first token
+of the next document from the previous one's separator are masked, so packing never teaches the model
+that unrelated documents follow each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .format import ShardReader
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackerState:
+    """Where the stream stands: the next document in the sequence and the offset inside it."""
+
+    cursor: int = 0
+    offset: int = 0
+    rows: int = 0  # rows produced so far (for logging and sanity checks)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor, "offset": self.offset, "rows": self.rows}
+
+
+class DocumentStream:
+    """Packs documents `sequence[0], sequence[1], ...` (global indices into `reader`) into rows."""
+
+    def __init__(self, reader: ShardReader, sequence: np.ndarray, seq_len: int) -> None:
+        if len(sequence) == 0:
+            raise ValueError("the document sequence is empty: nothing to train on")
+        self.reader = reader
+        self.sequence = np.asarray(sequence, dtype=np.int64)
+        self.seq_len = seq_len
+        self.state = PackerState()
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.state = PackerState(**state)
+
+    def _next_row(self) -> tuple[np.ndarray, np.ndarray]:
+        need = self.seq_len + 1
+        tokens = np.empty(need, dtype=np.int64)
+        docs = np.empty(need, dtype=np.int64)
+        filled, segment = 0, 0
+        st = self.state
+        saved = (st.cursor, st.offset)
+        while filled < need:
+            if st.cursor >= len(self.sequence):
+                st.cursor, st.offset = saved  # an incomplete row consumes nothing
+                raise StopIteration
+            doc = self.reader.document(int(self.sequence[st.cursor]))
+            take = min(len(doc) - st.offset, need - filled)
+            tokens[filled:filled + take] = doc[st.offset:st.offset + take]
+            docs[filled:filled + take] = segment
+            filled += take
+            segment += 1
+            if st.offset + take == len(doc):
+                st.cursor, st.offset = st.cursor + 1, 0
+            else:
+                st.offset += take
+        # A document cut by the row end resumes at the row's last token: it was only a label here.
+        # (A row that ends exactly at a document end needs no overlap: the next document starts fresh.)
+        if st.offset:
+            st.offset -= 1
+        st.rows += 1
+        return tokens, docs
+
+    def drain(self, batch_size: int, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+        """Every remaining token as batches (for validation): the last row is padded (doc id -1, labels
+        ignored), so small held-out sets are still measured in full."""
+        batches, rows = [], []
+        while True:
+            try:
+                rows.append(self._next_row())
+            except StopIteration:
+                break
+        st = self.state
+        if st.cursor < len(self.sequence):  # the tail that did not fill a row
+            tokens, docs, seg = [], [], 0
+            for i in range(st.cursor, len(self.sequence)):
+                doc = self.reader.document(int(self.sequence[i]))[st.offset if i == st.cursor else 0:]
+                tokens.extend(doc.tolist())
+                docs.extend([seg] * len(doc))
+                seg += 1
+            n = self.seq_len + 1 - len(tokens)
+            if len(tokens) > 1:
+                rows.append((np.array(tokens + [pad_id] * n), np.array(docs + [-1] * n)))
+            st.cursor = len(self.sequence)
+        for i in range(0, len(rows), batch_size):
+            batches.append(self._collate(rows[i:i + batch_size]))
+        return batches
+
+    @staticmethod
+    def _collate(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        tokens = torch.from_numpy(np.stack([r[0] for r in rows])).long()
+        docs = torch.from_numpy(np.stack([r[1] for r in rows])).long()
+        labels = tokens[:, 1:].clone()
+        # Never predict across a document boundary, and never predict padding.
+        labels[(docs[:, 1:] != docs[:, :-1]) | (docs[:, 1:] < 0)] = IGNORE_INDEX
+        return {"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "doc_ids": docs[:, :-1].contiguous()}
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """-> input_ids, labels, doc_ids, each (B, seq_len) int64. Raises StopIteration when exhausted."""
+        return self._collate([self._next_row() for _ in range(batch_size)])
+
+
+def split_documents(n_documents: int, val_fraction: float, val_max: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded held-out split -> (train doc indices in original order, val doc indices sorted)."""
+    n_val = min(int(round(n_documents * val_fraction)), val_max, max(n_documents - 1, 0))
+    if val_fraction > 0 and n_documents > 1:
+        n_val = max(n_val, 1)
+    rng = np.random.default_rng(seed)
+    val = np.sort(rng.permutation(n_documents)[:n_val])
+    train_mask = np.ones(n_documents, dtype=bool)
+    train_mask[val] = False
+    return np.flatnonzero(train_mask), val

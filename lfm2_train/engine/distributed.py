@@ -1,0 +1,194 @@
+"""Process groups, and the one place where the model is wrapped for training.
+
+`parallelize` applies, in this fixed order: activation checkpointing -> torch.compile -> the data-parallel
+wrapper (DDP / FSDP2), like torchtitan. DeepSpeed owns its optimizer step, so it has its own backend class.
+The model code never imports anything from here.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..model import LFM2ForCausalLM
+from .optim import build_optimizer
+
+BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, dist_cfg: Any) -> Runtime:
+        """torchrun / deepspeed set RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process."""
+        if dist_cfg.backend not in BACKENDS:
+            raise ValueError(f"distributed.backend={dist_cfg.backend!r}; choose one of {BACKENDS}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if world > 1 and not dist.is_initialized():
+            if dist_cfg.backend == "none":
+                raise ValueError(f"launched with WORLD_SIZE={world} but distributed.backend=none; "
+                                 "choose distributed=ddp|fsdp2|zero1|zero2|zero3")
+            backend = dist_cfg.dist_backend or ("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(backend=backend)
+        return cls(rank=rank, world_size=world, local_rank=local, device=device)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def apply_activation_checkpointing(model: LFM2ForCausalLM) -> None:
+    """Recompute each decoder layer in the backward; parameter names (and checkpoints) are unchanged."""
+    for layer in model.model.layers:
+        if getattr(layer, "_lfm2_ckpt", False):
+            continue
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+        layer._lfm2_ckpt = True
+
+
+def apply_compile(model: LFM2ForCausalLM) -> None:
+    """Compile each decoder layer in place (names unchanged, graphs small and reused across layers)."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
+class TorchBackend:
+    """Single process, DDP or FSDP2 with a torch AdamW."""
+
+    def __init__(self, model: LFM2ForCausalLM, cfg: Any, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.kind = cfg.distributed.backend
+        self.raw = model.to(runtime.device)
+        if cfg.trainer.activation_checkpointing:
+            apply_activation_checkpointing(self.raw)
+        if cfg.trainer.compile:
+            apply_compile(self.raw)
+        if self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+            self.model: nn.Module = DistributedDataParallel(self.raw, device_ids=ids)
+        elif self.kind == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.raw.model.layers:
+                fully_shard(layer)
+            self.model = fully_shard(self.raw)
+        else:
+            self.model = self.raw
+        self.optimizer = build_optimizer(self.raw, cfg.optim)
+
+    def sync_context(self, last_micro_step: bool) -> AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
+        if self.kind == "ddp" and not last_micro_step:
+            return self.model.no_sync()
+        if self.kind == "fsdp2":
+            self.model.set_requires_gradient_sync(last_micro_step)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 state dict on CPU (collective under FSDP2: every rank must call it)."""
+        if self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+
+    def save(self, directory: Path, export: Any) -> None:
+        """Model in Hugging Face format (`export(state, dir)` on rank 0) + optimizer state."""
+        state = self.full_model_state()
+        if self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim = get_optimizer_state_dict(self.model, self.optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optim = self.optimizer.state_dict()
+        if self.runtime.is_main:
+            export(state, directory / "model")
+            torch.save(optim, directory / "optimizer.pt")
+
+    def load(self, directory: Path, load_weights: Any) -> None:
+        state = load_weights(directory / "model")
+        optim = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        if self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state, options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, optim, options=opts)
+        else:
+            self.raw.load_state_dict(state, strict=True)
+            self.optimizer.load_state_dict(optim)
+
+
+def make_backend(model: LFM2ForCausalLM, cfg: Any, runtime: Runtime) -> Any:
+    if cfg.distributed.backend == "deepspeed":
+        from .deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, cfg, runtime)
+    return TorchBackend(model, cfg, runtime)

@@ -1,0 +1,292 @@
+"""The training loop every stage shares.
+
+A stage builds a `TrainJob` (model, batch source, loss, validation batches, what to export) and calls
+`Trainer(cfg, job).fit()`. The loop owns: LR schedule, gradient accumulation normalised by the number of
+labelled tokens in the *global* batch (so 1 process x 4 rows and 2 processes x 2 rows compute the same
+update), clipping, the NaN/inf policy, MoE bias updates, validation, checkpoints, resume and signals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..model import LFM2ForCausalLM
+from ..model.hf_io import read_state_dict, write_checkpoint
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .distributed import Runtime, make_backend
+from .observe import MetricsLogger, plot_losses
+from .optim import LRSchedule
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class BatchSource(Protocol):
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]: ...
+    def load_state(self, state: dict[str, Any]) -> None: ...
+    @property
+    def state(self) -> Any: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row of the run; the message names the step."""
+
+
+@dataclass
+class TrainJob:
+    model: LFM2ForCausalLM
+    train: BatchSource
+    loss_fn: LossFn
+    val_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    tokenizer: Any = None  # saved next to exported weights
+    inputs: dict[str, Any] = field(default_factory=dict)  # hashes of what went in, for the output manifest
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, job: TrainJob, runtime: Runtime | None = None) -> None:
+        self.cfg = cfg
+        self.job = job
+        self.runtime = runtime or Runtime.from_env(cfg.distributed)
+        self.out_dir = Path(cfg.output_dir)
+        t = cfg.trainer
+        if t.precision not in ("fp32", "bf16"):
+            raise ValueError(f"trainer.precision={t.precision!r}; choose fp32 or bf16")
+        if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
+            raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
+        self.backend = make_backend(job.model, cfg, self.runtime)
+        self.schedule = LRSchedule.from_config(cfg.optim, t.max_steps)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=t.keep_last)
+        self.step = 0
+        self.nan_skips = 0
+        self.tokens_seen = 0
+        self._stop_signal: int | None = None
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    @property
+    def config(self):
+        return self.job.model.config
+
+    def _autocast(self):
+        if self.cfg.trainer.precision == "bf16":
+            return torch.autocast(self.runtime.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank reads the same global micro-batch and keeps its own rows: the data order (and so the
+        numbers) do not depend on the number of processes."""
+        b = self.cfg.trainer.micro_batch_size
+        lo = self.runtime.rank * b
+        return {k: v[lo:lo + b].to(self.runtime.device) for k, v in batch.items()}
+
+    def _export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
+        write_checkpoint(state, self.config, directory)
+        if self.job.tokenizer is not None:
+            self.job.tokenizer.save_pretrained(directory)
+
+    def _load_weights(self, directory: Path) -> dict[str, torch.Tensor]:
+        return read_state_dict(directory, self.config)
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        def write(tmp: Path) -> None:
+            self.backend.save(tmp, self._export)
+            if self.runtime.is_main:
+                torch.save(rng_state(), tmp / "rng.pt")
+                state = {"step": self.step, "nan_skips": self.nan_skips, "tokens_seen": self.tokens_seen,
+                         "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size}
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+
+        # Gathering sharded state is collective: every rank runs `write`, only rank 0 touches the disk.
+        if self.runtime.is_main:
+            path = self.ckpt.save(self.step, write)
+        else:
+            write(self.ckpt.root / f".tmp-step-{self.step:08d}")
+            path = self.ckpt.root / f"step-{self.step:08d}"
+        self.runtime.barrier()
+        return path
+
+    def maybe_resume(self) -> Path | None:
+        mode = self.cfg.trainer.resume
+        if mode == "never":
+            return None
+        path = Path(mode) if mode != "auto" else self.ckpt.latest_valid()
+        if mode != "auto":
+            problem = CheckpointManager.verify(path) if path.is_dir() else "does not exist"
+            if problem:
+                raise FileNotFoundError(f"trainer.resume={mode}: checkpoint {problem}")
+        path = self.runtime.broadcast_object(str(path) if path else None)
+        if path is None:
+            return None
+        path = Path(path)
+        self.backend.load(path, self._load_weights)
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.nan_skips, self.tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
+        self.job.train.load_state(state["data"])
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        if self.runtime.is_main:
+            print(f"Resumed from {path} at step {self.step}")
+        return path
+
+    # ---------------------------------------------------------------------------------------------- signals
+    def _install_signals(self) -> dict[int, Any]:
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread (e.g. inside a test runner thread)
+                pass
+        return previous
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.job.val_batches:
+            return {}
+        model = self.backend.model
+        model.eval()
+        total, count = 0.0, 0
+        with self._autocast():
+            for batch in self.job.val_batches:
+                loss, n = self.job.loss_fn(model, {k: v.to(self.runtime.device) for k, v in batch.items()})
+                total += float(loss)
+                count += int(n)
+        model.train()
+        val = total / max(count, 1)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; None if it was skipped (non-finite loss or gradient)."""
+        t = self.cfg.trainer
+        world = self.runtime.world_size
+        lr = self.schedule(self.step)
+        self.backend.set_lr(lr)
+        global_rows = t.micro_batch_size * world
+        try:
+            micro = [self._local_rows(self.job.train.next_batch(global_rows)) for _ in range(t.grad_accum)]
+        except StopIteration:
+            raise RuntimeError(f"training data exhausted at step {self.step}: the document sequence is shorter "
+                               "than trainer.max_steps needs") from None
+        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
+        n_global = int(self.runtime.all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
+        if n_global == 0:
+            raise ValueError(f"step {self.step}: the batch has no labelled tokens (documents too short?)")
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(micro):
+            with self.backend.sync_context(i == len(micro) - 1), self._autocast():
+                loss, _ = self.job.loss_fn(self.backend.model, batch)
+                # DP wrappers average gradients over ranks; scale so the result is sum / n_global.
+                self.backend.backward(loss * (world / n_global))
+            loss_sum += loss.detach().double().cpu()
+        loss_value = float(self.runtime.all_reduce_sum(loss_sum)) / n_global
+        grad_norm = self.backend.clip_grad_norm(self.cfg.optim.grad_clip)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.backend.zero_grad()
+            self.nan_skips += 1
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            if self.nan_skips > t.max_nan_skips:
+                raise TrainingDiverged(
+                    f"non-finite {what} at step {self.step} ({self.nan_skips} skipped steps > trainer.max_nan_skips="
+                    f"{t.max_nan_skips}); lower optim.lr or check the data of this step"
+                )
+            warnings.warn(f"step {self.step}: non-finite {what}; update skipped ({self.nan_skips}/{t.max_nan_skips})",
+                          stacklevel=2)
+            return None
+        self.backend.step()
+        self.backend.zero_grad()
+        for moe in self.job.model.moe_layers():
+            moe.expert_load.copy_(self.runtime.all_reduce_sum(moe.expert_load))
+        self.job.model.update_expert_biases()
+        self.tokens_seen += n_global
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": n_global}
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        self.maybe_resume()
+        start_step = self.step
+        run_config = OmegaConf.to_container(self.cfg, resolve=True)
+        logger = MetricsLogger(self.out_dir, self.cfg, total_steps=t.max_steps, start_step=start_step,
+                               enabled=self.runtime.is_main, run_config=run_config)
+        previous_handlers = self._install_signals()
+        status = "finished"
+        last: dict[str, float] = {}
+        val: dict[str, float] = {}
+        started = time.perf_counter()
+        self.backend.model.train()
+        try:
+            while self.step < t.max_steps:
+                tick = time.perf_counter()
+                metrics = self.train_step()
+                self.step += 1
+                if metrics is not None:
+                    metrics["tok/s"] = metrics["tokens"] / max(time.perf_counter() - tick, 1e-9)
+                    last = metrics
+                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                        logger.log(self.step, metrics)
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    val = self.evaluate()
+                    if val:
+                        logger.log(self.step, val)
+                logger.advance()
+                stop = self._stop_signal is not None or (t.stop_after_steps is not None
+                                                         and self.step >= t.stop_after_steps)
+                if stop and self.step < t.max_steps:
+                    self.save_checkpoint()
+                    status = "interrupted"
+                    if self.runtime.is_main:
+                        why = f"signal {self._stop_signal}" if self._stop_signal else "trainer.stop_after_steps"
+                        print(f"\nStopped at step {self.step} ({why}); checkpoint written. Re-run with "
+                              f"trainer.resume=auto and the same output_dir to continue.")
+                    break
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                    self.save_checkpoint()
+        finally:
+            logger.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+        summary: dict[str, Any] = {"status": status, "steps": self.step, "start_step": start_step,
+                                   "seconds": round(time.perf_counter() - started, 2), "tokens": self.tokens_seen,
+                                   "loss": last.get("loss"), **val}
+        if status == "finished":
+            self.save_checkpoint()
+            summary["final"] = str(self.export_final())
+            if self.runtime.is_main and self.cfg.logger.plot:
+                png = plot_losses(logger.jsonl_path, self.out_dir / "loss_curve.png", title=self.cfg.stage.name)
+                summary["loss_curve"] = str(png) if png else None
+        if self.runtime.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def export_final(self) -> Path:
+        """The stage's output: a Hugging Face directory plus a manifest of what went in."""
+        final = self.out_dir / "final"
+        state = self.backend.full_model_state()
+        if self.runtime.is_main:
+            self._export(state, final)
+            manifest = {"stage": self.cfg.stage.name, "steps": self.step, "tokens_seen": self.tokens_seen,
+                        "inputs": self.job.inputs}
+            (final / "lfm2_train_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        self.runtime.barrier()
+        return final
+
+
+def _jsonable(state: Any) -> Any:
+    if hasattr(state, "to_dict"):
+        return state.to_dict()
+    return state

@@ -1,0 +1,101 @@
+"""`stage=pretrain`: next-token prediction on packed token shards, in curriculum order when one is given.
+
+Mid-training is the same stage with `recipe=midtrain`: longer sequences, `optim.schedule=decay`, and
+`model.init_from` pointing at a pre-training output.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, load_order, verify_shards
+from ..data.pacing import PacingConfig, paced_indices
+from ..data.packed import DocumentStream, split_documents
+from ..engine.distributed import Runtime
+from ..engine.trainer import Trainer, TrainJob
+from ..losses import lm_loss
+from ..tokenizer import LFM2Tokenizer
+from .common import build_model, resolve_dataset
+
+
+def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pacing: PacingConfig,
+                      n_samples: int, seed: int) -> np.ndarray:
+    """The documents the run reads, in order: a curriculum (optionally paced) or seeded shuffles.
+
+    `base_order` (global indices, easy -> hard) is restricted to the training documents. Without
+    pacing, the order repeats as many times as needed (a fresh seeded shuffle per epoch when there is
+    no curriculum order).
+    """
+    train_set = np.zeros(int(train_docs.max()) + 1 if len(train_docs) else 0, dtype=bool)
+    train_set[train_docs] = True
+    rng = np.random.default_rng(seed)
+    if base_order is not None:
+        order = base_order[(base_order < len(train_set)) & train_set[np.minimum(base_order, len(train_set) - 1)]]
+    else:
+        order = rng.permutation(train_docs)
+    if pacing.kind != "none":
+        return paced_indices(order, n_samples, pacing, seed)
+    epochs, total = [order], len(order)
+    while total < n_samples:
+        nxt = order if base_order is not None else rng.permutation(train_docs)
+        epochs.append(nxt)
+        total += len(nxt)
+    return np.concatenate(epochs)[:max(n_samples, len(order))]
+
+
+def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
+    data = cfg.data
+    dataset_dir, tokenizer_dir = resolve_dataset(data, runtime)
+    manifest = load_manifest(dataset_dir)
+    if data.verify_hashes:
+        verify_shards(dataset_dir, manifest)
+    tokenizer = LFM2Tokenizer.from_pretrained(tokenizer_dir)
+    model = build_model(cfg.model)
+    check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=model.config.vocab_size,
+                     source=str(dataset_dir))
+    if data.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len={data.seq_len} exceeds the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+    reader = ShardReader(dataset_dir, manifest)
+    if len(reader) == 0:
+        raise DataFormatError(f"{dataset_dir} holds no documents")
+
+    train_docs, val_docs = split_documents(len(reader), data.val_fraction, data.val_max_documents, data.seed)
+    t = cfg.trainer
+    rows_per_step = t.micro_batch_size * runtime.world_size * t.grad_accum
+    lengths = reader.doc_lengths()
+    mean_len = float(lengths[train_docs].mean())
+    n_samples = math.ceil(1.25 * t.max_steps * rows_per_step * data.seq_len / mean_len) + rows_per_step
+    base_order = None
+    if data.order:
+        base_order, _ = load_order(dataset_dir, data.order, manifest)
+    pacing = PacingConfig.from_dict(OmegaConf.to_container(data.pacing, resolve=True))
+    sequence = training_sequence(train_docs, base_order, pacing, n_samples, data.seed)
+    train = DocumentStream(reader, sequence, data.seq_len)
+
+    val_batches = []
+    if len(val_docs) and t.eval_batches:
+        val_batches = DocumentStream(reader, val_docs, data.seq_len).drain(t.micro_batch_size)[: t.eval_batches]
+    inputs: dict[str, Any] = {"dataset": str(dataset_dir), "manifest_hash": manifest.hash(),
+                              "tokenizer_fingerprint": tokenizer.fingerprint(), "order": data.order,
+                              "init_from": cfg.model.init_from, "preset": cfg.model.preset,
+                              "train_documents": int(len(train_docs)), "val_documents": int(len(val_docs))}
+    return TrainJob(model=model, train=train, loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer,
+                    inputs=inputs)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    runtime = Runtime.from_env(cfg.distributed)
+    job = build_job(cfg, runtime)
+    summary = Trainer(cfg, job, runtime).fit()
+    if runtime.is_main:
+        n_params = job.model.num_parameters()
+        print(f"\n{cfg.stage.name}: {summary['status']} at step {summary['steps']} "
+              f"({n_params / 1e6:.2f}M params, {summary['tokens']} tokens, {summary['seconds']}s); "
+              f"train loss {summary.get('loss')}, val loss {summary.get('val_loss')}; output {Path(cfg.output_dir)}")
+    return summary
