@@ -7,10 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Tiny models are latency-bound: one intra-op thread is faster than two and does not oversubscribe the
+# CI machine when subprocess tests run beside the main process.
+torch.set_num_threads(1)
 
 
 def write_text_dataset(out: Path, texts: list[str], shard_tokens: int = 4000) -> Path:

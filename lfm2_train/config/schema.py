@@ -76,6 +76,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend (e.g. "aot_eager" to debug without codegen)
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -92,6 +93,8 @@ class DistributedConfig:
     backend: str = "none"  # none | ddp | fsdp2 | deepspeed
     zero_stage: int = 2  # deepspeed only: 1 | 2 | 3
     dist_backend: str | None = None  # torch.distributed backend; None = nccl on CUDA, gloo on CPU
+    # deepspeed only: extra DeepSpeed config keys merged over the generated one (buckets, persistence...)
+    deepspeed_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,6 +164,7 @@ def register_configs() -> None:
     cs.store(name="lfm2_train", node=RootConfig)
     cs.store(group="stage", name="generate", node=GenerateStageConfig)
     cs.store(group="stage", name="pretrain", node=PretrainStageConfig)
+    cs.store(group="stage", name="midtrain", node=PretrainStageConfig(name="midtrain"))
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

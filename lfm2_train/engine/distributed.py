@@ -85,10 +85,10 @@ def apply_activation_checkpointing(model: LFM2ForCausalLM) -> None:
         layer._lfm2_ckpt = True
 
 
-def apply_compile(model: LFM2ForCausalLM) -> None:
+def apply_compile(model: LFM2ForCausalLM, backend: str = "inductor") -> None:
     """Compile each decoder layer in place (names unchanged, graphs small and reused across layers)."""
     for layer in model.model.layers:
-        layer.compile()
+        layer.compile(backend=backend)
 
 
 class TorchBackend:
@@ -101,7 +101,7 @@ class TorchBackend:
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
         if cfg.trainer.compile:
-            apply_compile(self.raw)
+            apply_compile(self.raw, cfg.trainer.compile_backend)
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-STAGES = {"generate": "lfm2_train.stages.generate", "pretrain": "lfm2_train.stages.pretrain"}
+STAGES = {"generate": "lfm2_train.stages.generate", "pretrain": "lfm2_train.stages.pretrain",
+          "midtrain": "lfm2_train.stages.pretrain"}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pac
 
 def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     data = cfg.data
+    if cfg.stage.name == "midtrain" and not cfg.model.init_from:
+        raise ValueError("stage=midtrain continues a pre-training run: set model.init_from=<pretrain run>/final")
     dataset_dir, tokenizer_dir = resolve_dataset(data, runtime)
     manifest = load_manifest(dataset_dir)
     if data.verify_hashes:
