@@ -181,9 +181,15 @@ class LFM2Config:
                 raise LFM2ConfigError(f"{err} (in {source})") from None
             raise
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The `config.json` content `transformers` expects for this model type."""
+    def to_hf_dict(self, dtype: str | None = None) -> dict[str, Any]:
+        """The `config.json` content `transformers` expects for this model type.
+
+        `dtype` (e.g. "bfloat16") is the dtype of the weights written beside it; a stale value carried
+        over from a loaded config is never written, since `dtype="auto"` loaders trust it.
+        """
         out: dict[str, Any] = dict(self.extra)
+        if dtype is not None:
+            out["dtype"] = dtype
         out.update(
             architectures=["Lfm2MoeForCausalLM" if self.is_moe else "Lfm2ForCausalLM"],
             model_type=self.model_type,
@@ -308,7 +314,8 @@ class LFM2Config:
         for key in ("expert_bias_update", "expert_bias_update_rate"):
             if key in ours:
                 kw[key] = ours[key]
-        for key in ("architectures", "use_cache", "transformers_version", "auto_map"):
+        # The weights' dtype is a fact about the tensors, not the architecture: save() writes it afresh.
+        for key in ("architectures", "use_cache", "transformers_version", "auto_map", "dtype", "torch_dtype"):
             data.pop(key, None)
         kw["extra"] = data
         try:
@@ -331,8 +338,8 @@ class LFM2Config:
             raise LFM2ConfigError(f"{path} is not valid JSON: {err}") from None
         return cls.from_hf_dict(data, source=str(path))
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, dtype: str | None = None) -> Path:
         path = Path(directory) / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(self.to_hf_dict(dtype), indent=2, sort_keys=True) + "\n")
         return path

@@ -247,7 +247,8 @@ def write_checkpoint(
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (path / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-    config.save(path)
+    saved_dtype = dtype or state["model.embed_tokens.weight"].dtype
+    config.save(path, dtype=str(saved_dtype).removeprefix("torch."))
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.pad_token_id}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -76,7 +76,7 @@ class MoEFeedForward(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         _, chosen, weights = self.route(flat)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # only training steps drive the bias update
             with torch.no_grad():
                 self.expert_load += torch.bincount(chosen.flatten(), minlength=self.expert_load.numel()).float()
         return self.experts(flat, chosen, weights).view(B, T, d)
