@@ -1,6 +1,9 @@
-"""Training objectives. Each returns a *sum* over tokens plus the token count, so callers can normalise by
-the number of tokens in the whole global batch (exact under gradient accumulation and data parallelism)."""
+"""Training objectives on the LM head. Each returns a *sum* over tokens (plus counts / metric sums), so
+callers normalise by the number of tokens in the whole global batch — exact under gradient accumulation
+and data parallelism."""
 
 from .cross_entropy import chunked_cross_entropy, lm_loss
+from .distill import KDParams, ce_kd_chunk, kd_terms
+from .head import fused_head_loss
 
-__all__ = ["chunked_cross_entropy", "lm_loss"]
+__all__ = ["KDParams", "ce_kd_chunk", "chunked_cross_entropy", "fused_head_loss", "kd_terms", "lm_loss"]
