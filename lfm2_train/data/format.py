@@ -190,6 +190,7 @@ class ShardReader:
         self._offsets = [np.fromfile(self.directory / f"{s.name}.idx", dtype=np.int64) for s in self.manifest.shards]
         counts = np.array([len(o) - 1 for o in self._offsets], dtype=np.int64)
         self._first_doc = np.concatenate([[0], np.cumsum(counts)])
+        self._first_token = np.concatenate([[0], np.cumsum([s.tokens for s in self.manifest.shards])]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self._first_doc[-1])
@@ -206,6 +207,12 @@ class ShardReader:
         shard, j = self.locate(doc)
         lo, hi = self._offsets[shard][j], self._offsets[shard][j + 1]
         return self._tokens[shard][lo:hi]
+
+    def token_start(self, doc: int) -> int:
+        """Global index of a document's first token (shards concatenated in manifest order): the key that
+        aligns per-token side data such as a teacher cache."""
+        shard, j = self.locate(doc)
+        return int(self._first_token[shard] + self._offsets[shard][j])
 
     def doc_lengths(self) -> np.ndarray:
         return np.concatenate([np.diff(o) for o in self._offsets]) if self._offsets else np.zeros(0, np.int64)

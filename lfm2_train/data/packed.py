@@ -45,10 +45,11 @@ class DocumentStream:
     def load_state(self, state: dict[str, int]) -> None:
         self.state = PackerState(**state)
 
-    def _next_row(self) -> tuple[np.ndarray, np.ndarray]:
+    def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         need = self.seq_len + 1
         tokens = np.empty(need, dtype=np.int64)
         docs = np.empty(need, dtype=np.int64)
+        where = np.empty(need, dtype=np.int64)  # global token index (aligns teacher caches)
         filled, segment = 0, 0
         st = self.state
         saved = (st.cursor, st.offset)
@@ -56,10 +57,12 @@ class DocumentStream:
             if st.cursor >= len(self.sequence):
                 st.cursor, st.offset = saved  # an incomplete row consumes nothing
                 raise StopIteration
-            doc = self.reader.document(int(self.sequence[st.cursor]))
+            doc_index = int(self.sequence[st.cursor])
+            doc = self.reader.document(doc_index)
             take = min(len(doc) - st.offset, need - filled)
             tokens[filled:filled + take] = doc[st.offset:st.offset + take]
             docs[filled:filled + take] = segment
+            where[filled:filled + take] = self.reader.token_start(doc_index) + st.offset + np.arange(take)
             filled += take
             segment += 1
             if st.offset + take == len(doc):
@@ -71,7 +74,7 @@ class DocumentStream:
         if st.offset:
             st.offset -= 1
         st.rows += 1
-        return tokens, docs
+        return tokens, docs, where
 
     def drain(self, batch_size: int, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
         """Every remaining token as batches (for validation): the last row is padded (doc id -1, labels
@@ -84,28 +87,33 @@ class DocumentStream:
                 break
         st = self.state
         if st.cursor < len(self.sequence):  # the tail that did not fill a row
-            tokens, docs, seg = [], [], 0
+            tokens, docs, where, seg = [], [], [], 0
             for i in range(st.cursor, len(self.sequence)):
-                doc = self.reader.document(int(self.sequence[i]))[st.offset if i == st.cursor else 0:]
+                skip = st.offset if i == st.cursor else 0
+                doc = self.reader.document(int(self.sequence[i]))[skip:]
+                start = self.reader.token_start(int(self.sequence[i])) + skip
                 tokens.extend(doc.tolist())
                 docs.extend([seg] * len(doc))
+                where.extend(range(start, start + len(doc)))
                 seg += 1
             n = self.seq_len + 1 - len(tokens)
             if len(tokens) > 1:
-                rows.append((np.array(tokens + [pad_id] * n), np.array(docs + [-1] * n)))
+                rows.append((np.array(tokens + [pad_id] * n), np.array(docs + [-1] * n), np.array(where + [-1] * n)))
             st.cursor = len(self.sequence)
         for i in range(0, len(rows), batch_size):
             batches.append(self._collate(rows[i:i + batch_size]))
         return batches
 
     @staticmethod
-    def _collate(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    def _collate(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(np.stack([r[0] for r in rows])).long()
         docs = torch.from_numpy(np.stack([r[1] for r in rows])).long()
+        where = torch.from_numpy(np.stack([r[2] for r in rows])).long()
         labels = tokens[:, 1:].clone()
         # Never predict across a document boundary, and never predict padding.
         labels[(docs[:, 1:] != docs[:, :-1]) | (docs[:, 1:] < 0)] = IGNORE_INDEX
-        return {"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "doc_ids": docs[:, :-1].contiguous()}
+        return {"input_ids": tokens[:, :-1].contiguous(), "labels": labels, "doc_ids": docs[:, :-1].contiguous(),
+                "token_index": where[:, :-1].contiguous()}
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """-> input_ids, labels, doc_ids, each (B, seq_len) int64. Raises StopIteration when exhausted."""

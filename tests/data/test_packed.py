@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from lfm2_train.data.format import Manifest, ShardReader, write_shard
 from lfm2_train.data.packed import IGNORE_INDEX, DocumentStream, split_documents
@@ -81,3 +82,13 @@ def test_split_is_seeded_and_disjoint():
     assert not np.array_equal(split_documents(100, 0.1, 5, seed=2)[1], val)
     with pytest.raises(ValueError, match="empty"):
         DocumentStream(None, np.array([], dtype=np.int64), 4)
+
+
+def test_token_index_points_at_each_input_token(reader):
+    r, docs = reader
+    flat = np.concatenate([r.document(i) for i in range(len(docs))])
+    stream = DocumentStream(r, np.array([4, 2, 0, 6]), seq_len=6)
+    for batch in [stream.next_batch(2), *stream.drain(3)]:
+        idx, ids = batch["token_index"], batch["input_ids"]
+        valid = idx >= 0
+        assert (torch.from_numpy(flat.astype(np.int64))[idx[valid]] == ids[valid]).all()
