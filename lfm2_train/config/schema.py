@@ -133,6 +133,31 @@ class PretrainStageConfig:
 
 
 @dataclass
+class KDSchema:
+    """Tempered decoupled Top-K distillation: L = CE + lambda * L_KD (see lfm2_train/losses/distill.py)."""
+
+    method: str = "decoupled"  # decoupled | truncated (naive renormalised top-K) | tail_bucket (K+1 buckets)
+    temperature: float = 2.0  # tau for the conditional term (the mass term is never tempered)
+    temperature_end: float | None = None  # anneal tau to this value (None = constant)
+    weight: str = "teacher_mass"  # conditional-term weight w: teacher_mass (P_T) | one | constant
+    weight_value: float = 1.0
+    tau_squared: bool = True
+    kd_weight: float = 1.0  # lambda against cross-entropy
+    kd_weight_end: float | None = None  # anneal lambda to this value (None = constant)
+    schedule: str = "linear"  # shape of both annealings: linear | cosine
+
+
+@dataclass
+class DistillStageConfig:
+    """`stage=distill`: CE + lambda * L_KD from a teacher top-K cache, in lock-step with the token shards."""
+
+    name: str = "distill"
+    teacher_cache: str | None = None  # directory written by stage=cache_teacher
+    k: int = 32  # must equal the cache's K
+    kd: KDSchema = field(default_factory=KDSchema)
+
+
+@dataclass
 class RootConfig:
     defaults: list[Any] = field(default_factory=lambda: [
         "_self_",
@@ -165,6 +190,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="generate", node=GenerateStageConfig)
     cs.store(group="stage", name="pretrain", node=PretrainStageConfig)
     cs.store(group="stage", name="midtrain", node=PretrainStageConfig(name="midtrain"))
+    cs.store(group="stage", name="distill", node=DistillStageConfig)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

@@ -29,7 +29,8 @@ from .distributed import Runtime, make_backend
 from .observe import MetricsLogger, plot_losses
 from .optim import LRSchedule
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+# (model, batch) -> (loss sum, labelled-token count[, {metric: sum over tokens}]); metrics are logged as means.
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
 
 
 class BatchSource(Protocol):
@@ -51,6 +52,10 @@ class TrainJob:
     val_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     tokenizer: Any = None  # saved next to exported weights
     inputs: dict[str, Any] = field(default_factory=dict)  # hashes of what went in, for the output manifest
+    # Validation objective; None = loss_fn. (Distillation validates on plain CE, comparable across runs.)
+    eval_loss_fn: LossFn | None = None
+    # Called as hook(step, max_steps) before each step: schedules of loss weights, temperatures, ...
+    step_hooks: list[Callable[[int, int], None]] = field(default_factory=list)
 
 
 class Trainer:
@@ -162,7 +167,8 @@ class Trainer:
         total, count = 0.0, 0
         with self._autocast():
             for batch in self.job.val_batches:
-                loss, n = self.job.loss_fn(model, {k: v.to(self.runtime.device) for k, v in batch.items()})
+                loss, n = (self.job.eval_loss_fn or self.job.loss_fn)(
+                    model, {k: v.to(self.runtime.device) for k, v in batch.items()})[:2]
                 total += float(loss)
                 count += int(n)
         model.train()
@@ -186,14 +192,21 @@ class Trainer:
         n_global = int(self.runtime.all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
         if n_global == 0:
             raise ValueError(f"step {self.step}: the batch has no labelled tokens (documents too short?)")
+        for hook in self.job.step_hooks:
+            hook(self.step, t.max_steps)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        extra: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             with self.backend.sync_context(i == len(micro) - 1), self._autocast():
-                loss, _ = self.job.loss_fn(self.backend.model, batch)
+                out = self.job.loss_fn(self.backend.model, batch)
+                loss = out[0]
                 # DP wrappers average gradients over ranks; scale so the result is sum / n_global.
                 self.backend.backward(loss * (world / n_global))
             loss_sum += loss.detach().double().cpu()
+            for k, v in (out[2] if len(out) > 2 else {}).items():
+                extra[k] = extra.get(k, 0.0) + torch.as_tensor(v).detach().double().cpu()
         loss_value = float(self.runtime.all_reduce_sum(loss_sum)) / n_global
+        means = {k: float(self.runtime.all_reduce_sum(v)) / n_global for k, v in sorted(extra.items())}
         grad_norm = self.backend.clip_grad_norm(self.cfg.optim.grad_clip)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.backend.zero_grad()
@@ -213,7 +226,7 @@ class Trainer:
             moe.expert_load.copy_(self.runtime.all_reduce_sum(moe.expert_load))
         self.job.model.update_expert_biases()
         self.tokens_seen += n_global
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": n_global}
+        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": n_global, **means}
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
