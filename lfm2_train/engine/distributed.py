@@ -106,7 +106,10 @@ class TorchBackend:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(self.raw, device_ids=ids)
+            # No per-forward buffer broadcast from rank 0: the buffers are constants (RoPE), identical by
+            # construction (expert_bias, updated from all-reduced loads), or per-rank on purpose (expert_load,
+            # summed by the trainer) — overwriting a rank's expert_load mid-accumulation would lose its counts.
+            self.model: nn.Module = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False)
         elif self.kind == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 

@@ -94,9 +94,9 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
 def run(cfg: DictConfig) -> dict[str, Any]:
     runtime = Runtime.from_env(cfg.distributed)
     job = build_job(cfg, runtime)
+    n_params = job.model.num_parameters()  # before ZeRO-3 replaces the parameters by empty partitions
     summary = Trainer(cfg, job, runtime).fit()
     if runtime.is_main:
-        n_params = job.model.num_parameters()
         print(f"\n{cfg.stage.name}: {summary['status']} at step {summary['steps']} "
               f"({n_params / 1e6:.2f}M params, {summary['tokens']} tokens, {summary['seconds']}s); "
               f"train loss {summary.get('loss')}, val loss {summary.get('val_loss')}; output {Path(cfg.output_dir)}")
