@@ -158,10 +158,32 @@ class DistillStageConfig:
 
 
 @dataclass
+class CacheTeacherStageConfig:
+    """`stage=cache_teacher`: a teacher's top-K log-probs for every dataset token (docs/DISTILLATION.md)."""
+
+    name: str = "cache_teacher"
+    teacher: str | None = None  # HF checkpoint directory (ours or any transformers causal LM) with tokenizer.json
+    teacher_format: str = "auto"  # auto (lfm2/lfm2_moe -> ours, else transformers) | lfm2 | transformers
+    output: str | None = None  # cache directory; None = <output_dir>/teacher_cache (set it to resume a run)
+    k: int = 32
+    logprob_dtype: str = "bfloat16"  # bfloat16 | float16 (2-byte words either way)
+    max_length: int = 2048  # longer documents are processed in windows
+    window_overlap: int | None = None  # context repeated at each next window's start; None = max_length // 8
+    max_tokens_per_batch: int = 16384  # rows x row length per teacher forward
+    block_documents: int = 512  # documents per resumable block
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 (autocast)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attn
+    hash_teacher_weights: bool = True  # identify the teacher by a sha256 of its weight files (else by path)
+    overwrite: bool = False  # replace a cache (complete or not) made from another teacher/dataset/K
+    progress_bar: bool = True
+    stop_after_blocks: int | None = None  # debug: stop as if interrupted after this many blocks
+
+
+@dataclass
 class RootConfig:
     defaults: list[Any] = field(default_factory=lambda: [
         "_self_",
-        {"stage": "generate"},
+        {"stage": "pretrain"},
         {"model": "tiny"},
         {"data": "default"},
         {"optim": "adamw"},
@@ -190,6 +212,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="generate", node=GenerateStageConfig)
     cs.store(group="stage", name="pretrain", node=PretrainStageConfig)
     cs.store(group="stage", name="midtrain", node=PretrainStageConfig(name="midtrain"))
+    cs.store(group="stage", name="cache_teacher", node=CacheTeacherStageConfig)
     cs.store(group="stage", name="distill", node=DistillStageConfig)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))

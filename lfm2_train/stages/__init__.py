@@ -11,7 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 STAGES = {"generate": "lfm2_train.stages.generate", "pretrain": "lfm2_train.stages.pretrain",
-          "midtrain": "lfm2_train.stages.pretrain", "distill": "lfm2_train.stages.distill"}
+          "midtrain": "lfm2_train.stages.pretrain", "distill": "lfm2_train.stages.distill",
+          "cache_teacher": "lfm2_train.stages.cache_teacher"}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:

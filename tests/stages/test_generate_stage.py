@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _cfg(tmp_path: Path, *overrides: str):
     register_configs()
     with initialize(version_base="1.3", config_path=None):
-        return compose(config_name="lfm2_train", overrides=[f"output_dir={tmp_path}", *overrides])
+        return compose(config_name="lfm2_train", overrides=["stage=generate", f"output_dir={tmp_path}", *overrides])
 
 
 def test_generate_random_preset_writes_generations_and_checkpoint(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_bad_dtype_and_missing_tokenizer_are_clear(tmp_path: Path) -> None:
 def test_module_entry_point(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "lfm2_train", "stage.max_new_tokens=3", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "lfm2_train", "stage=generate", "stage.max_new_tokens=3", f"hydra.run.dir={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
