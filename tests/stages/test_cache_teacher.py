@@ -84,7 +84,7 @@ def test_cache_equals_direct_forward_and_reads_back(tmp_path, data, teacher):
     tok = LFM2Tokenizer.from_pretrained(data / "tokenizer")
     cache = TeacherCache(out, manifest, k=K, vocab_size=512, tokenizer_fingerprint=tok.fingerprint())
     m = cache.manifest
-    assert (m.k, m.ids_dtype, m.logprob_dtype, m.vocab_size) == (K, "uint16", "bfloat16", 512)
+    assert (m.k, m.ids_dtype, m.logprob_dtype, m.vocab_size) == (K, "uint16", "float16", 512)
     assert m.teacher["model_type"] == "lfm2" and m.teacher["path"] == str(teacher.resolve())
     assert m.teacher["num_parameters"] == LFM2ForCausalLM(get_preset("tiny")).num_parameters()
     assert len(m.shards) == len(manifest.shards) > 2 and not (out / ".work").exists()
@@ -93,13 +93,13 @@ def test_cache_equals_direct_forward_and_reads_back(tmp_path, data, teacher):
     reader = ShardReader(data, manifest)
     with torch.no_grad():
         _assert_matches(cache, reader, lambda d: model(torch.from_numpy(reader.document(d).astype(np.int64))[None])[0],
-                        rtol=2**-8)
+                        rtol=2**-11)
     # The streamed shard files are exactly what the format's writer produces from the same arrays.
     name = m.shards[1].name
     ids = np.fromfile(out / f"{name}.ids", dtype=np.uint16).reshape(-1, K)
     words = np.fromfile(out / f"{name}.lp", dtype=np.uint16).reshape(-1, K)
     assert write_cache_shard(tmp_path, name, ids, words) == m.shards[1]
-    assert bool((decode_logprobs(words, "bfloat16") <= 0).all())
+    assert bool((decode_logprobs(words, "float16") <= 0).all())
     # Running again finds the complete cache and does nothing.
     again = run_stage(_cfg(tmp_path, data, teacher))
     assert again["status"] == "complete" and again["computed_tokens"] == 0
@@ -115,9 +115,9 @@ def test_windows_of_a_long_document(tmp_path, make_dataset, make_texts, teacher)
     reader = ShardReader(data)
     assert max(len(reader.document(d)) for d in range(len(reader))) > 500
     run_stage(_cfg(tmp_path, data, teacher, "stage.max_length=64", "stage.window_overlap=16",
-                   "stage.block_documents=3", "stage.max_tokens_per_batch=256", "stage.logprob_dtype=float16"))
+                   "stage.block_documents=3", "stage.max_tokens_per_batch=256", "stage.logprob_dtype=bfloat16"))
     cache = TeacherCache(tmp_path / "teacher_cache", load_manifest(data), k=K)
-    assert cache.manifest.logprob_dtype == "float16"
+    assert cache.manifest.logprob_dtype == "bfloat16"
     model = LFM2ForCausalLM.from_pretrained(teacher).eval()
 
     def windowed(d: int) -> torch.Tensor:
@@ -125,7 +125,7 @@ def test_windows_of_a_long_document(tmp_path, make_dataset, make_texts, teacher)
         return torch.cat([model(doc[None, s:e])[0, emit - s:] for s, emit, e in document_windows(len(doc), 64, 16)])
 
     with torch.no_grad():
-        _assert_matches(cache, reader, windowed, rtol=2**-10)
+        _assert_matches(cache, reader, windowed, rtol=2**-8)
 
 
 def test_vocab_above_65536_stores_uint32_ids(tmp_path, make_dataset, make_texts):
@@ -143,7 +143,7 @@ def test_vocab_above_65536_stores_uint32_ids(tmp_path, make_dataset, make_texts)
     model = LFM2ForCausalLM.from_pretrained(teacher).eval()
     with torch.no_grad():
         _assert_matches(cache, reader, lambda d: model(torch.from_numpy(reader.document(d).astype(np.int64))[None])[0],
-                        rtol=2**-8)
+                        rtol=2**-11)
     ids, _ = cache.gather(torch.arange(load_manifest(data).num_tokens))
     assert int(ids.max()) > 65535  # ids above uint16 survive
 
@@ -215,7 +215,7 @@ def test_transformers_teacher(tmp_path, data):
     with torch.no_grad():
         _assert_matches(cache, reader,
                         lambda d: model(torch.from_numpy(reader.document(d).astype(np.int64))[None]).logits[0],
-                        rtol=2**-8)
+                        rtol=2**-11)
     # max_length beyond the teacher's positions is refused before anything runs.
     with pytest.raises(ValueError, match="max_position_embeddings=256"):
         run_stage(_cfg(tmp_path / "x", data, tmp_path / "llama", "stage.max_length=512"))
