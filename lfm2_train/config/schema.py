@@ -200,7 +200,7 @@ class RootConfig:
     distributed: DistributedConfig = MISSING
     logger: LoggerConfig = MISSING
     seed: int = 0
-    threads: int | None = None  # torch intra-op threads; None = torch's default
+    threads: int | None = None  # torch intra-op threads; None = torch's default (1 for CPU training < 20M params)
     output_dir: str = "${hydra:runtime.output_dir}"
 
 

@@ -33,6 +33,9 @@ from .optim import LRSchedule
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
 
 
+SMALL_MODEL = 20_000_000  # parameters; below this, CPU training uses one intra-op thread unless `threads` is set
+
+
 class BatchSource(Protocol):
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
@@ -69,6 +72,10 @@ class Trainer:
             raise ValueError(f"trainer.precision={t.precision!r}; choose fp32 or bf16")
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
+        if cfg.threads is None and self.runtime.device.type == "cpu" and job.model.num_parameters() < SMALL_MODEL:
+            # Tiny models are per-op-latency bound: a second OpenMP thread only adds wake-up cost, which turns
+            # into milliseconds per op when the other core is busy (measured: 8x slower whole runs).
+            torch.set_num_threads(1)
         self.backend = make_backend(job.model, cfg, self.runtime)
         self.schedule = LRSchedule.from_config(cfg.optim, t.max_steps)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=t.keep_last)

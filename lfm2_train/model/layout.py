@@ -61,7 +61,7 @@ class BatchLayout:
 
     # ---------------------------------------------------------------- conv
     def conv_history_masks(self, kernel: int) -> list[torch.Tensor] | None:
-        """For lag l = 1..kernel-1, a (B, 1, T) float mask: 1 where token t-l is in t's document.
+        """For lag l = 1..kernel-1, a (B, T, 1) bool mask: True where token t-l is in t's document.
 
         None on the fast path. Tokens before the start of this forward are history from the cache
         (already zero for padding), so they are allowed.
@@ -77,17 +77,17 @@ class BatchLayout:
                 same[:, lag:] = doc[:, lag:] == doc[:, :-lag]
                 if self.past_length == 0:
                     same[:, :lag] = False  # zero history at the start of the sequence
-                masks.append(same[:, None, :])
+                masks.append(same[:, :, None])
             self._cache[key] = masks
         return self._cache[key]
 
     def valid_tokens(self) -> torch.Tensor | None:
-        """(B, 1, T) float mask of real (non-padding) tokens, or None when there is no padding."""
+        """(B, T, 1) bool mask of real (non-padding) tokens, or None when there is no padding."""
         if self.doc_ids is None:
             return None
         key = "valid"
         if key not in self._cache:
-            self._cache[key] = (self.doc_ids >= 0)[:, None, :]
+            self._cache[key] = (self.doc_ids >= 0)[:, :, None]
         return self._cache[key]
 
     # ---------------------------------------------------------------- attention

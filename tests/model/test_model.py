@@ -269,8 +269,8 @@ def test_conv_history_masks_for_known_layout() -> None:
     doc = torch.tensor([[0, 0, 0, 1, 2, 2]])
     masks = BatchLayout(position_ids=position_ids_from_doc_ids(doc), doc_ids=doc).conv_history_masks(3)
     assert len(masks) == 2
-    assert masks[0][0, 0].long().tolist() == [0, 1, 1, 0, 0, 1]  # lag 1
-    assert masks[1][0, 0].long().tolist() == [0, 0, 1, 0, 0, 0]  # lag 2
+    assert masks[0][0, :, 0].long().tolist() == [0, 1, 1, 0, 0, 1]  # lag 1
+    assert masks[1][0, :, 0].long().tolist() == [0, 0, 1, 0, 0, 0]  # lag 2
 
 
 # ---------------------------------------------------------------------------------------------- backends
