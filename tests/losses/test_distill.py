@@ -10,7 +10,15 @@ import torch
 from lfm2_train.losses.distill import KDParams, ce_kd_chunk, kd_terms
 from lfm2_train.losses.head import fused_head_loss
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """The identities are checked in float64; restore the default so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _teacher(n: int, V: int, K: int, seed: int = 0):
