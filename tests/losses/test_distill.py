@@ -11,7 +11,6 @@ from lfm2_train.losses.distill import KDParams, ce_kd_chunk, kd_terms
 from lfm2_train.losses.head import fused_head_loss
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """The identities are checked in float64; restore the default so other test modules are unaffected."""

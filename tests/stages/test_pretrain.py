@@ -123,6 +123,9 @@ def test_bad_inputs_fail_before_any_step(tmp_path, tiny_dataset, make_dataset, m
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataFormatError, match="tokenized with tokenizer"):
         run_stage(_cfg(tmp_path / "x", other))
+    empty = make_dataset(tmp_path / "empty", [])
+    with pytest.raises(DataFormatError, match="holds no documents"):
+        run_stage(_cfg(tmp_path / "x", empty))
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
@@ -194,3 +197,19 @@ def test_quick_start_default_trains_on_the_bundled_corpus(tmp_path, monkeypatch)
     summary = run_stage(cfg)
     assert summary["status"] == "finished" and summary["val_loss"] is not None
     assert len(list((tmp_path / "cache").glob("bundled-*/manifest.json"))) == 1
+
+
+def test_resume_mid_curriculum_continues_in_order(tmp_path, make_dataset, make_texts):
+    from lfm2_train.data.format import load_manifest, save_order
+
+    data = make_dataset(tmp_path / "d", make_texts(300, seed=3))
+    n = load_manifest(data).num_documents
+    save_order(data, "hard_last", np.arange(n)[::-1].copy(), {"method": "test"})
+    paced = ["data.order=hard_last", "data.pacing.kind=linear", "data.pacing.start_fraction=0.3",
+             "data.pacing.full_at=0.5", "trainer.eval_every=0"]
+    run_stage(_cfg(tmp_path / "full", data, *paced))
+    run_stage(_cfg(tmp_path / "part", data, *paced, "trainer.stop_after_steps=4"))
+    run_stage(_cfg(tmp_path / "part", data, *paced))
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    state = json.loads((tmp_path / "part" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["data"]["cursor"] > 0  # the checkpoint really was taken mid-stream
