@@ -161,19 +161,24 @@ def check_compatible(manifest: Manifest, *, tokenizer_fingerprint: str | None, v
         )
 
 
+def write_array_atomic(path: str | Path, array: np.ndarray) -> None:
+    """Raw bytes of `array` to `path` through a temporary file, fsync and rename (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(np.ascontiguousarray(array).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_shard(directory: str | Path, name: str, tokens: np.ndarray, offsets: np.ndarray) -> ShardInfo:
     """Write one shard (.bin then .idx, each atomically) and return its manifest entry."""
     directory = Path(directory)
     if offsets[0] != 0 or offsets[-1] != len(tokens) or np.any(np.diff(offsets) <= 0):
         raise ValueError(f"shard {name}: offsets must start at 0, end at {len(tokens)} and strictly increase")
     for suffix, array in ((".bin", tokens), (".idx", offsets.astype(np.int64))):
-        path = directory / f"{name}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(np.ascontiguousarray(array).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_array_atomic(directory / f"{name}{suffix}", array)
     return ShardInfo(name=name, tokens=int(len(tokens)), documents=int(len(offsets) - 1),
                      sha256=sha256_file(directory / f"{name}.bin"), idx_sha256=sha256_file(directory / f"{name}.idx"))
 

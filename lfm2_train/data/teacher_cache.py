@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import DataFormatError, Manifest, sha256_file, write_json_atomic
+from .format import DataFormatError, Manifest, sha256_file, write_array_atomic, write_json_atomic
 
 CACHE_FORMAT = "lfm2_train.teacher_cache/1"
 CACHE_MANIFEST = "teacher_manifest.json"
@@ -84,17 +84,9 @@ def decode_logprobs(words: np.ndarray, dtype: str) -> torch.Tensor:
 
 def write_cache_shard(directory: str | Path, name: str, ids: np.ndarray, lp_words: np.ndarray) -> CacheShard:
     """Write .ids and .lp of one shard (each via a temporary file + rename) and return its manifest entry."""
-    import os
-
     directory = Path(directory)
     for suffix, array in ((".ids", ids), (".lp", lp_words)):
-        path = directory / f"{name}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(np.ascontiguousarray(array).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_array_atomic(directory / f"{name}{suffix}", array)
     return CacheShard(name=name, tokens=int(ids.shape[0]), ids_sha256=sha256_file(directory / f"{name}.ids"),
                       lp_sha256=sha256_file(directory / f"{name}.lp"))
 
