@@ -1,6 +1,6 @@
 """Distillation costs: teacher-cache bytes per token, and the KD loss's peak memory chunked vs naive.
 
-(a) Runs `stage=cache_teacher` (tiny random teacher, defaults K=32 / bf16 / uint16) over a dataset made from
+(a) Runs `stage=cache_teacher` (tiny random teacher, defaults K=32 / fp16 / uint16) over a dataset made from
     the bundled corpus and divides the bytes of every file in the cache directory by the token count.
     Also reports the log-prob rounding error of bf16 vs fp16 storage on synthetic peaked distributions.
 (b) Forward + backward of CE + L_KD on (positions, hidden) states and a (vocab, hidden) head, fp32, CPU:
@@ -36,27 +36,19 @@ sys.path.insert(0, str(REPO))
 
 # ---------------------------------------------------------------------------------------------- (a) cache size
 def bundled_dataset(out: Path, max_docs: int) -> Path:
-    """A token-shard dataset of the bundled corpus (prose, code, structured, arithmetic), tiny tokenizer."""
-    from lfm2_train.data.format import Manifest, write_shard
-    from lfm2_train.tokenizer import LFM2Tokenizer, tiny_tokenizer_path
+    """A token-shard dataset of the bundled corpus (prose, code, structured, arithmetic), tiny tokenizer,
+    written by the real tokenize job (first `max_docs // 4` documents of each source, no FIM)."""
+    from data_pipelines.tokenize import run
 
-    tok = LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
-    texts = []
-    for name in ("prose", "code", "structured", "arithmetic"):
-        lines = (REPO / "lfm2_train" / "assets" / "corpus" / f"{name}.jsonl").read_text().splitlines()
-        texts += [json.loads(line)["text"] for line in lines[: max_docs // 4]]
     out.mkdir(parents=True, exist_ok=True)
-    shards, toks, offs = [], [], [0]
-    for ids in tok.encode_batch(texts):
-        toks += ids + [tok.eod_token_id]
-        offs.append(len(toks))
-        if len(toks) >= 32768:
-            shards.append(write_shard(out, f"shard-{len(shards):05d}", np.array(toks, np.uint16), np.array(offs)))
-            toks, offs = [], [0]
-    if toks:
-        shards.append(write_shard(out, f"shard-{len(shards):05d}", np.array(toks, np.uint16), np.array(offs)))
-    Manifest(tok.fingerprint(), tok.vocab_size, "uint16", tok.eod_token_id, shards).save(out)
-    tok.save_pretrained(out / "tokenizer")
+    lines = []
+    for name in ("prose", "code", "structured", "arithmetic"):
+        lines += (REPO / "lfm2_train" / "assets" / "corpus" / f"{name}.jsonl").read_text().splitlines()[: max_docs // 4]
+    subset = out.parent / "bench_corpus.jsonl"
+    subset.write_text("\n".join(lines) + "\n")
+    # One source with weight 1 is read exactly once (docs/DATA.md, "Mixtures").
+    run({"sources": [{"name": "bench", "path": str(subset), "weight": 1.0}], "output_dir": str(out),
+         "shard_tokens": 32768, "progress": False})
     return out
 
 
@@ -248,8 +240,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": meta, "cache": cache, "rounding": rounding, "kd": kd}, indent=2))
 
     print(f"{meta['date']} · {cpu} · {args.threads} threads · torch {torch.__version__}")
-    print(f"(a) cache: {cache['tokens']} tokens, K={cache['k']}, bf16, uint16: {cache['bytes_per_token']:.2f} B/token "
-          f"on disk (shard files alone {cache['payload_bytes_per_token']:.2f}; limit {cache['limit']})")
+    print(f"(a) cache: {cache['tokens']} tokens, K={cache['k']}, 2-byte log-probs, uint16: "
+          f"{cache['bytes_per_token']:.2f} B/token on disk "
+          f"(shard files alone {cache['payload_bytes_per_token']:.2f}; limit {cache['limit']})")
     for dtype in ("bfloat16", "float16"):
         r = rounding[dtype]
         print(f"    {dtype}: log-prob error max {r['max_abs_lp_err']:.2e} mean {r['mean_abs_lp_err']:.2e}, "

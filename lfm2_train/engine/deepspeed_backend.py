@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from ..model import LFM2ForCausalLM
 from .distributed import Runtime, apply_activation_checkpointing
-from .optim import build_optimizer
+from .optim import build_optimizer, set_lr
 
 CHECKPOINT_TAG = "deepspeed"  # sub-directory of a trainer checkpoint holding DeepSpeed's per-rank shards
 ZERO_STAGES = (1, 2, 3)
@@ -182,8 +182,7 @@ class DeepSpeedBackend:
         self._pending = True
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def _global_grad_norm(self) -> float:
         """The L2 norm of the reduced (averaged) gradients over all ranks, as ZeRO's step will compute it.

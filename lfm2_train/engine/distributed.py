@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model import LFM2ForCausalLM
-from .optim import build_optimizer
+from .optim import build_optimizer, set_lr
 
 BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
 
@@ -132,8 +132,7 @@ class TorchBackend:
         loss.backward()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

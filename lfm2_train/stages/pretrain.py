@@ -31,11 +31,9 @@ def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pac
     pacing, the order repeats as many times as needed (a fresh seeded shuffle per epoch when there is
     no curriculum order).
     """
-    train_set = np.zeros(int(train_docs.max()) + 1 if len(train_docs) else 0, dtype=bool)
-    train_set[train_docs] = True
     rng = np.random.default_rng(seed)
     if base_order is not None:
-        order = base_order[(base_order < len(train_set)) & train_set[np.minimum(base_order, len(train_set) - 1)]]
+        order = base_order[np.isin(base_order, train_docs)]
     else:
         order = rng.permutation(train_docs)
     if pacing.kind != "none":

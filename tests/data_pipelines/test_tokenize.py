@@ -22,16 +22,6 @@ PRE, MID, SUF, SEP = (LFM2_SPECIAL_TOKENS[t] for t in ("<|fim_pre|>", "<|fim_mid
 BUNDLED = Path(tiny_tokenizer_path()).parent / "corpus"
 
 
-@pytest.fixture(scope="module")
-def tok() -> LFM2Tokenizer:
-    return LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
-
-
-@pytest.fixture(scope="module")
-def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("hf_cache"))
-
-
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

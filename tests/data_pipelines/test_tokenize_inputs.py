@@ -16,17 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from data_pipelines.sources import SourceError
 from data_pipelines.tokenize import TokenizeError, run
 from lfm2_train.data.format import ShardReader, load_manifest
-from lfm2_train.tokenizer import LFM2_SPECIAL_TOKENS, LFM2Tokenizer, tiny_tokenizer_path
-
-
-@pytest.fixture(scope="module")
-def tok() -> LFM2Tokenizer:
-    return LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
-
-
-@pytest.fixture(scope="module")
-def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("hf_cache"))
+from lfm2_train.tokenizer import LFM2_SPECIAL_TOKENS, LFM2Tokenizer
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
