@@ -179,6 +179,22 @@ class CacheTeacherStageConfig:
     stop_after_blocks: int | None = None  # debug: stop as if interrupted after this many blocks
 
 
+# ---- stage: sft (issue 6) -------------------------------------------------------------------------------
+
+
+# ---- stage: preference (issue 6) ------------------------------------------------------------------------
+
+
+# ---- stage: merge (issue 7) -----------------------------------------------------------------------------
+
+
+# ---- stage: eval (issue 8) ------------------------------------------------------------------------------
+
+
+# ---- stage: search (issue 8) ----------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------ root
 @dataclass
 class RootConfig:
     defaults: list[Any] = field(default_factory=lambda: [
@@ -214,6 +230,9 @@ def register_configs() -> None:
     cs.store(group="stage", name="midtrain", node=PretrainStageConfig(name="midtrain"))
     cs.store(group="stage", name="cache_teacher", node=CacheTeacherStageConfig)
     cs.store(group="stage", name="distill", node=DistillStageConfig)
+    # sft / preference (issue 6)
+    # merge (issue 7)
+    # eval / search (issue 8)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

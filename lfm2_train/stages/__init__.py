@@ -10,9 +10,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-STAGES = {"generate": "lfm2_train.stages.generate", "pretrain": "lfm2_train.stages.pretrain",
-          "midtrain": "lfm2_train.stages.pretrain", "distill": "lfm2_train.stages.distill",
-          "cache_teacher": "lfm2_train.stages.cache_teacher"}
+STAGES = {
+    "generate": "lfm2_train.stages.generate",
+    "pretrain": "lfm2_train.stages.pretrain",
+    "midtrain": "lfm2_train.stages.pretrain",
+    "cache_teacher": "lfm2_train.stages.cache_teacher",
+    "distill": "lfm2_train.stages.distill",
+    # sft / preference (issue 6)
+    # merge (issue 7)
+    # eval / search (issue 8)
+}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
