@@ -1,0 +1,75 @@
+"""`stage=chain` (the default): run a whole pipeline from one chain file (`stage.chain`, default `tiny`).
+
+The work directory is fixed (not timestamped) so that running the same command again skips finished steps
+and continues an interrupted one. Chain-wide `seed` / `threads` reach every stage step and are part of each
+step's fingerprint; `logger.*` and `trainer.progress_bar` reach them too but change no result.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ..chain import ChainRunner, load_chain
+from ..chain.report import format_table, write_report
+from ..chain.runner import model_dir_of, step_dirs
+
+
+def compose_stage(overrides: list[str]) -> DictConfig:
+    """The full config of one step, composed like the command line would (typos are named)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="lfm2_train", overrides=overrides)
+    with initialize_config_module(config_module="lfm2_train.conf", version_base="1.3"):
+        return compose(config_name="lfm2_train", overrides=overrides)
+
+
+def _run_one(overrides: list[str]) -> dict[str, Any]:
+    from . import run_stage
+
+    return run_stage(compose_stage(overrides))
+
+
+def make_evaluator(n: int, seed: int):
+    def evaluate(model_dir: Path) -> dict[str, Any]:
+        from ..evaluation import arithmetic_accuracy
+        from ..model import LFM2ForCausalLM
+        from ..tokenizer import LFM2Tokenizer
+
+        model = LFM2ForCausalLM.from_pretrained(model_dir).eval()
+        return dict(arithmetic_accuracy(model, LFM2Tokenizer.from_pretrained(model_dir), n=n, seed=seed))
+
+    return evaluate
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    stage = cfg.stage
+    spec = load_chain(stage.chain)
+    if stage.until is not None and stage.until not in [s.name for s in spec.steps]:
+        raise ValueError(f"stage.until={stage.until!r} is not a step of {spec.source}")
+    workdir = Path(stage.workdir or Path("outputs") / f"chain-{spec.name}").resolve()
+    if stage.until is not None:
+        spec.steps = spec.steps[: [s.name for s in spec.steps].index(stage.until) + 1]
+    settings = [f"seed={cfg.seed}"] + ([f"threads={cfg.threads}"] if cfg.threads else [])
+    lg = cfg.logger
+    cosmetic = [f"logger.wandb={lg.wandb}", f"logger.wandb_mode={lg.wandb_mode}", f"logger.project={lg.project}",
+                f"logger.plot={lg.plot}", f"trainer.progress_bar={cfg.trainer.progress_bar}"]
+    print(f"chain {spec.name} ({len(spec.steps)} steps) in {workdir}")
+    runner = ChainRunner(spec=spec, workdir=workdir, run_stage=_run_one,
+                         evaluate=make_evaluator(stage.eval_problems, stage.eval_seed),
+                         settings=settings, cosmetic=cosmetic)
+    started = time.perf_counter()
+    records = runner.run()
+    total = time.perf_counter() - started
+    last = records[-1]
+    output = model_dir_of(last.summary, step_dirs(spec, workdir)[last.name])
+    report = write_report(spec, workdir, records, total, output)
+    print(f"\n{format_table(records)}\n\nchain {spec.name}: {total:.0f} s; report {report}"
+          + (f"; model {output}" if output else ""))
+    return {"status": "finished", "workdir": str(workdir), "report": str(report), "seconds": round(total, 1),
+            "final": str(output) if output else None, "steps": [r.row() for r in records]}
