@@ -263,8 +263,11 @@ class Trainer:
                     if val:
                         logger.log(self.step, val)
                 logger.advance()
-                stop = self._stop_signal is not None or (t.stop_after_steps is not None
-                                                         and self.step >= t.stop_after_steps)
+                # Ranks may receive SIGTERM at different step boundaries: agree (any rank stopped -> all stop)
+                # before the checkpoint collective, or one rank would checkpoint while another trains on.
+                flag = torch.tensor(int(self._stop_signal is not None), device=self.runtime.device)
+                signalled = self.runtime.all_reduce_sum(flag)
+                stop = bool(signalled.item()) or (t.stop_after_steps is not None and self.step >= t.stop_after_steps)
                 if stop and self.step < t.max_steps:
                     self.save_checkpoint()
                     status = "interrupted"

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from ..chain import ChainRunner, load_chain
+from ..chain import ChainInterrupted, ChainRunner, load_chain
 from ..chain.report import format_table, write_report
 from ..chain.runner import model_dir_of, step_dirs
 
@@ -59,12 +59,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     lg = cfg.logger
     cosmetic = [f"logger.wandb={lg.wandb}", f"logger.wandb_mode={lg.wandb_mode}", f"logger.project={lg.project}",
                 f"logger.plot={lg.plot}", f"trainer.progress_bar={cfg.trainer.progress_bar}"]
+    if cfg.trainer.stop_after_steps is not None:  # debug: the first training step stops there, as if killed
+        cosmetic.append(f"trainer.stop_after_steps={cfg.trainer.stop_after_steps}")
     print(f"chain {spec.name} ({len(spec.steps)} steps) in {workdir}")
     runner = ChainRunner(spec=spec, workdir=workdir, run_stage=_run_one,
                          evaluate=make_evaluator(stage.eval_problems, stage.eval_seed),
                          settings=settings, cosmetic=cosmetic)
     started = time.perf_counter()
-    records = runner.run()
+    try:
+        records = runner.run()
+    except ChainInterrupted as stop:
+        print(f"\n{stop}")
+        return {"status": "interrupted", "workdir": str(workdir), "message": str(stop)}
     total = time.perf_counter() - started
     last = records[-1]
     output = model_dir_of(last.summary, step_dirs(spec, workdir)[last.name])
