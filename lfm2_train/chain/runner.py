@@ -121,6 +121,7 @@ class ChainRunner:
     evaluate: Callable[[Path], dict[str, Any]]
     settings: list[str] = field(default_factory=list)  # chain-wide overrides that change results (seed, ...)
     cosmetic: list[str] = field(default_factory=list)  # chain-wide overrides that do not (logger, progress bar)
+    eval_key: str = ""  # identifies the evaluation settings: a skipped step is re-scored when they change
     log: Callable[[str], None] = print
 
     def run(self) -> list[StepRecord]:
@@ -133,8 +134,12 @@ class ChainRunner:
             marker = _read_marker(directory)
             if marker and marker.get("fingerprint") == fp and marker.get("status") == "done":
                 self.log(f"[{i + 1}/{len(self.spec.steps)}] {step.name}: done earlier with the same inputs, skipped")
+                metrics = marker.get("metrics", {})
+                if step.evaluate and marker.get("eval_key") != self.eval_key:  # scored with other settings
+                    metrics = self._evaluate(step, marker.get("summary", {}), directory)
+                    _write_marker(directory, {**marker, "metrics": metrics, "eval_key": self.eval_key})
                 records.append(StepRecord(step.name, step.kind, fp, "skipped", marker.get("seconds", 0.0),
-                                          marker.get("summary", {}), marker.get("metrics", {})))
+                                          marker.get("summary", {}), metrics))
                 continue
             if directory.exists() and (marker is None or marker.get("fingerprint") != fp):
                 if any(directory.iterdir()):
@@ -152,18 +157,21 @@ class ChainRunner:
                 records.append(StepRecord(step.name, step.kind, fp, "interrupted", seconds, summary))
                 raise ChainInterrupted(f"step {step.name!r} stopped before finishing; run the same command again "
                                        f"to continue it (finished steps are skipped)")
-            metrics: dict[str, Any] = {}
-            model = model_dir_of(summary, directory)
-            if step.evaluate:
-                if model is None:
-                    raise RuntimeError(f"step {step.name!r} has evaluate: true but produced no model directory")
-                metrics = self.evaluate(model)
-                self.log(f"  {step.name}: task accuracy {metrics.get('accuracy'):.3f} on {metrics.get('n')} problems")
             summary = {k: v for k, v in summary.items() if _jsonable(v)}
+            metrics = self._evaluate(step, summary, directory) if step.evaluate else {}
             _write_marker(directory, {"name": step.name, "kind": step.kind, "fingerprint": fp, "status": "done",
-                                      "seconds": seconds, "summary": summary, "metrics": metrics})
+                                      "seconds": seconds, "summary": summary, "metrics": metrics,
+                                      "eval_key": self.eval_key})
             records.append(StepRecord(step.name, step.kind, fp, "done", seconds, summary, metrics))
         return records
+
+    def _evaluate(self, step: Step, summary: dict[str, Any], directory: Path) -> dict[str, Any]:
+        model = model_dir_of(summary, directory)
+        if model is None:
+            raise RuntimeError(f"step {step.name!r} has evaluate: true but produced no model directory")
+        metrics = self.evaluate(model)
+        self.log(f"  {step.name}: task accuracy {metrics.get('accuracy'):.3f} on {metrics.get('n')} problems")
+        return metrics
 
     def _run_step(self, step: Step, directory: Path, dirs: dict[str, Path]) -> dict[str, Any]:
         if step.stage is not None:

@@ -61,6 +61,7 @@ class ChainSpec:
     steps: list[Step]
     description: str = ""
     common: list[str] = field(default_factory=list)
+    eval_levels: list[int] | None = None  # the task levels `evaluate: true` scores (None = all)
     source: str = "<chain>"
 
     def step(self, name: str) -> Step:
@@ -71,7 +72,7 @@ class ChainSpec:
 
 
 _STEP_KEYS = {"name", "stage", "job", "overrides", "args", "evaluate"}
-_TOP_KEYS = {"description", "common", "steps"}
+_TOP_KEYS = {"description", "common", "steps", "eval_levels"}
 
 
 def builtin_chain_path(name: str) -> Path:
@@ -124,7 +125,7 @@ def load_chain(chain: str) -> ChainSpec:
         steps.append(step)
     common = raw.get("common") or []
     return ChainSpec(name=path.stem, steps=steps, description=raw.get("description", ""), common=list(common),
-                     source=where)
+                     eval_levels=raw.get("eval_levels"), source=where)
 
 
 def substitute(value: Any, dirs: dict[str, Path]) -> Any:

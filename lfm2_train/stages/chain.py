@@ -7,6 +7,7 @@ step's fingerprint; `logger.*` and `trainer.progress_bar` reach them too but cha
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,15 @@ def _run_one(overrides: list[str]) -> dict[str, Any]:
     return run_stage(compose_stage(overrides))
 
 
-def make_evaluator(n: int, seed: int):
+def make_evaluator(n: int, seed: int, levels: list[int] | None):
     def evaluate(model_dir: Path) -> dict[str, Any]:
         from ..evaluation import arithmetic_accuracy
         from ..model import LFM2ForCausalLM
         from ..tokenizer import LFM2Tokenizer
 
         model = LFM2ForCausalLM.from_pretrained(model_dir).eval()
-        return dict(arithmetic_accuracy(model, LFM2Tokenizer.from_pretrained(model_dir), n=n, seed=seed))
+        tokenizer = LFM2Tokenizer.from_pretrained(model_dir)
+        return dict(arithmetic_accuracy(model, tokenizer, n=n, seed=seed, levels=levels))
 
     return evaluate
 
@@ -55,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     workdir = Path(stage.workdir or Path("outputs") / f"chain-{spec.name}").resolve()
     if stage.until is not None:
         spec.steps = spec.steps[: [s.name for s in spec.steps].index(stage.until) + 1]
+    levels = list(stage.eval_levels) if stage.eval_levels is not None else spec.eval_levels
     settings = [f"seed={cfg.seed}"] + ([f"threads={cfg.threads}"] if cfg.threads else [])
     lg = cfg.logger
     cosmetic = [f"logger.wandb={lg.wandb}", f"logger.wandb_mode={lg.wandb_mode}", f"logger.project={lg.project}",
@@ -63,8 +66,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cosmetic.append(f"trainer.stop_after_steps={cfg.trainer.stop_after_steps}")
     print(f"chain {spec.name} ({len(spec.steps)} steps) in {workdir}")
     runner = ChainRunner(spec=spec, workdir=workdir, run_stage=_run_one,
-                         evaluate=make_evaluator(stage.eval_problems, stage.eval_seed),
-                         settings=settings, cosmetic=cosmetic)
+                         evaluate=make_evaluator(stage.eval_problems, stage.eval_seed, levels),
+                         settings=settings, cosmetic=cosmetic,
+                         eval_key=json.dumps([stage.eval_problems, stage.eval_seed, levels]))
     started = time.perf_counter()
     try:
         records = runner.run()

@@ -143,3 +143,16 @@ def test_unknown_chain_name():
 def test_packaged_tiny_chain_is_valid():
     spec = load_chain("tiny")
     assert spec.steps[0].job == "train_tokenizer" and spec.steps[-1].job == "export"
+
+
+def test_changed_evaluation_settings_rescore_without_retraining(tmp_path):
+    spec = load_chain(str(_write(tmp_path)))
+    _runner(spec, tmp_path / "w", FakeStages()).run()
+    scored = []
+    runner = ChainRunner(spec=spec, workdir=tmp_path / "w", run_stage=FakeStages(), settings=["seed=0"],
+                         evaluate=lambda d: scored.append(d) or {"accuracy": 0.75, "n": 8}, eval_key="other",
+                         log=lambda m: None)
+    records = runner.run()
+    assert [r.status for r in records] == ["skipped", "skipped"] and len(scored) == 2
+    assert records[1].metrics["accuracy"] == 0.75
+    assert json.loads((tmp_path / "w" / "01-b" / "chain_step.json").read_text())["eval_key"] == "other"
