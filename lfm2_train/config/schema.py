@@ -181,17 +181,189 @@ class CacheTeacherStageConfig:
 
 # ---- stage: sft (issue 6) -------------------------------------------------------------------------------
 
+@dataclass
+class SFTCurriculumSchema:
+    """Easy -> hard order of the SFT conversations (docs/SFT.md)."""
+
+    source: str = "none"  # none (seeded shuffle per epoch) | column | file
+    column: str = "difficulty"  # source=column: the dataset column holding a difficulty (higher = harder)
+    file: str | None = None  # source=file: written by `python -m data_pipelines.sft_difficulty`
+    method: str = "sort"  # sort | buckets (data_pipelines.curriculum.build_order)
+    n_buckets: int = 10
+
+
+@dataclass
+class SFTStageConfig:
+    """`stage=sft`: masked cross-entropy on chat data, packed per conversation, optionally easy -> hard.
+
+    Sequence length, validation split and seed come from `data.seq_len`, `data.val_fraction`,
+    `data.val_max_documents`, `data.seed` (and `data.pacing`); `recipe=sft` sets the report's optimiser.
+    """
+
+    name: str = "sft"
+    dataset: str | None = None  # datasets-loadable jsonl/json/parquet/csv file or dir; None = bundled arithmetic
+    split: str = "train"
+    messages_field: str = "messages"
+    tools_field: str = "tools"  # optional column of JSON-schema tool lists
+    tokenizer: str | None = None  # default: model.init_from's tokenizer, else the bundled tiny one
+    bundled_rows: int = 2000  # dataset=None: rows of chat arithmetic generated from bundled_seed
+    bundled_seed: int = 0
+    bundled_levels: list[int] | None = None  # subset of lfm2_train.tasks.arithmetic.LEVELS; None = all
+    epochs: float | None = 3.0  # sets trainer.max_steps; None = trainer.max_steps decides (data repeats)
+    embedding_dropout: float = 0.0  # dropout on the embedding output (the only dropout LFM2 SFT uses)
+    cache_dir: str | None = None  # datasets cache for loading files; None = the datasets default
+    curriculum: SFTCurriculumSchema = field(default_factory=SFTCurriculumSchema)
+
 
 # ---- stage: preference (issue 6) ------------------------------------------------------------------------
 
+@dataclass
+class PreferenceLossTermSchema:
+    """One term of the preference loss: dpo | ln_dpo | apo_zero | ln_apo_zero | ipo | hinge | simpo | nll."""
+
+    name: str = "ln_dpo"
+    weight: float = 1.0
+    length_normalize: bool | None = None  # None = the name's default (on for ln_* and simpo)
+
+
+@dataclass
+class PreferenceStageConfig:
+    """`stage=preference`: a weighted sum of direct-alignment losses on preference pairs (docs/PREFERENCE.md).
+
+    Pairs longer than `data.seq_len` (prompt + response) are skipped; `data.val_fraction`,
+    `data.val_max_documents` and `data.seed` hold out validation pairs; `recipe=preference` sets the
+    report's optimiser (LR 8e-7 -> 8e-8 cosine).
+    """
+
+    name: str = "preference"
+    dataset: str | None = None  # pairs: datasets-loadable jsonl/json/parquet/csv file or dir (prompt/chosen/rejected)
+    split: str = "train"
+    plain_text: str = "chat"  # string rows: chat (user / assistant turns with the template) | raw (texts as they are)
+    tokenizer: str | None = None  # default: model.init_from's tokenizer, else the bundled tiny one
+    losses: list[PreferenceLossTermSchema] = field(default_factory=lambda: [PreferenceLossTermSchema()])
+    beta: float = 5.0
+    label_smoothing: float = 0.0  # dpo / simpo
+    margin: float = 0.0  # simpo's target reward margin gamma
+    reference: str | None = None  # pi_ref HF directory; None = model.init_from
+    ref_cache: str | None = None  # None = $LFM2_TRAIN_CACHE/ref_logps/<key> (content-addressed)
+    ref_cache_overwrite: bool = False  # an explicit ref_cache made from other inputs: recompute (else refuse)
+    ref_batch_pairs: int = 16  # pairs per reference forward
+    epochs: float | None = 2.0  # sets trainer.max_steps; None = trainer.max_steps decides
+    cache_dir: str | None = None  # datasets cache for loading files
+
 
 # ---- stage: merge (issue 7) -----------------------------------------------------------------------------
+@dataclass
+class MergeStageConfig:
+    """`stage=merge`: mergekit-style merges streamed tensor by tensor, optionally chosen by evaluation.
+
+    The merge configuration comes from `config` (a mergekit YAML) and/or the inline fields below (inline
+    wins); see docs/MERGE.md. Several `candidates` and/or a `grid` with an `evaluation` run a selection.
+    """
+
+    name: str = "merge"
+    config: str | None = None  # mergekit-style YAML file
+    merge_method: str | None = None  # linear | slerp | task_arithmetic | ties | dare_ties | dare_linear | della | ...
+    base_model: str | None = None  # checkpoint directory the task vectors are taken against
+    models: list[Any] | None = None  # [{model: dir, parameters: {...}}]
+    slices: list[Any] | None = None  # [{sources: [{model: dir, layer_range: [start, end)}]}] (replaces models)
+    parameters: dict[str, Any] = field(default_factory=dict)  # global parameters (laid over the file's)
+    dtype: str | None = None  # float32 | bfloat16 | float16; None = the base model's dtype
+    tokenizer_source: str | None = None  # base (default) | a model directory
+    expert_bias: str | None = None  # MoE routing bias: base (default) | mean
+    candidates: list[Any] | None = None  # partial configurations merged over the one above (each may set name)
+    grid: dict[str, Any] = field(default_factory=dict)  # {parameter or dotted key: [values]}, e.g. {t: [0.25, 0.75]}
+    evaluation: str = "none"  # none | val_loss (data.path held-out split) | arithmetic
+    eval_seq_len: int | None = None  # val_loss: None = data.seq_len
+    eval_max_documents: int | None = None  # val_loss: None = data.val_max_documents
+    eval_batch_size: int = 8  # rows (val_loss) or prompts (arithmetic) per forward
+    eval_problems: int = 64  # arithmetic: problems (seeded by the root seed)
+    eval_max_new_tokens: int = 24  # arithmetic: greedy tokens per answer
+    include_inputs: bool = True  # rank the input models too
+    keep_candidates: bool = True  # keep every candidate's directory under candidates/
+    max_shard_size: str = "2GB"  # output safetensors shard size (e.g. 500MB, 5GB)
+    hash_inputs: bool = True  # sha256 of every input weight file in the manifest
+
+
 
 
 # ---- stage: eval (issue 8) ------------------------------------------------------------------------------
+@dataclass
+class EvalStageConfig:
+    """`stage=eval`: a list of tasks on `model.init_from` (docs/EVAL.md). Each task is a mapping with a
+    `kind` (perplexity | arithmetic | generation | multiple_choice | lm_eval) and that kind's keys."""
+
+    name: str = "eval"
+    tokenizer: str | None = None  # default: the checkpoint's own tokenizer, else the bundled tiny one
+    tasks: list[Any] = field(default_factory=lambda: [{"kind": "perplexity"}, {"kind": "arithmetic"}])
+    runner: str = "reference"  # inference path for generation / scoring (lfm2_train.evaluation.RUNNERS)
+    batch_size: int = 16  # prompts per generation batch, requests per scoring batch
+    dtype: str = "float32"  # float32 | bfloat16
+    limit: int | None = None  # at most this many examples per task (quick checks); None = all
+
 
 
 # ---- stage: search (issue 8) ----------------------------------------------------------------------------
+@dataclass
+class SearchSpaceSchema:
+    """The grid of layouts; every combination within the parameter budget is a candidate."""
+
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 128])
+    num_layers: list[int] = field(default_factory=lambda: [4, 6])
+    attention_counts: list[int] = field(default_factory=lambda: [1, 2])
+    placements: list[str] = field(default_factory=lambda: ["spread"])  # spread | late | early
+    conv_L_cache: list[int] = field(default_factory=lambda: [3, 5])  # short-conv kernel sizes
+    ff_ratios: list[float] = field(default_factory=lambda: [3.0])  # SwiGLU width / hidden size
+    head_dim: int = 16
+
+
+@dataclass
+class SearchStageConfig:
+    """`stage=search`: measure layouts on this machine, train each briefly, rank on the quality /
+    latency / memory front (docs/SEARCH.md). Other keys of `model` (vocab, norms, ...) come from `model.preset`."""
+
+    name: str = "search"
+    space: SearchSpaceSchema = field(default_factory=SearchSpaceSchema)
+    param_budget: int = 1_000_000  # total parameters (tied head counted once)
+    min_params: int = 0
+    max_candidates: int | None = 8  # seeded sample when more layouts fit; None = all
+    # measurement (one subprocess per candidate)
+    contexts: list[int] = field(default_factory=lambda: [128, 512])  # prompt lengths
+    decode_tokens: int = 32
+    batch_size: int = 1
+    threads: int = 1
+    dtype: str = "float32"  # float32 | bfloat16
+    repeats: int = 2
+    measure_timeout_s: float = 300.0
+    # budgets (None = none); latency budgets apply at every context
+    max_ttft_ms: float | None = None
+    max_decode_ms: float | None = None  # decode p95 per token
+    max_rss_mb: float | None = None
+    # quality proxy: a short pretrain run on the run's `data`, then the validation loss
+    train_steps: int = 40
+    train_seq_len: int = 128
+    train_batch_size: int = 8
+    val_documents: int = 64
+    # ranking
+    latency_metric: str = "decode_p50_ms"  # ttft_ms | decode_p50_ms | decode_p95_ms, at the largest context
+    memory_metric: str = "peak_rss_mb"  # peak_rss_mb | rss_delta_mb
+    reference_point: list[float] | None = None  # (loss, latency, memory); None = nadir + margin x range
+    reference_margin: float = 0.1
+
+
+
+# ---- stage: chain (issue 9) ----------------------------------------------------------------------------
+@dataclass
+class ChainStageConfig:
+    """`stage=chain` (the default): the whole pipeline from one chain file (docs/CHAIN.md)."""
+
+    name: str = "chain"
+    chain: str = "tiny"  # a packaged chain (lfm2_train/conf/chains/<name>.yaml) or a path to a chain YAML
+    workdir: str | None = None  # None = outputs/chain-<chain name>; fixed so re-running skips / resumes
+    until: str | None = None  # stop after this step (the steps before it still skip / resume)
+    eval_problems: int = 128  # chat-arithmetic problems scored after each `evaluate: true` step
+    eval_seed: int = 12345  # the same problems for every model of the chain
+    eval_levels: list[int] | None = None  # task levels (lfm2_train/tasks/arithmetic.py LEVELS); None = the chain's
 
 
 # ------------------------------------------------------------------------------------------------ root
@@ -199,7 +371,7 @@ class CacheTeacherStageConfig:
 class RootConfig:
     defaults: list[Any] = field(default_factory=lambda: [
         "_self_",
-        {"stage": "pretrain"},
+        {"stage": "chain"},
         {"model": "tiny"},
         {"data": "default"},
         {"optim": "adamw"},
@@ -230,9 +402,15 @@ def register_configs() -> None:
     cs.store(group="stage", name="midtrain", node=PretrainStageConfig(name="midtrain"))
     cs.store(group="stage", name="cache_teacher", node=CacheTeacherStageConfig)
     cs.store(group="stage", name="distill", node=DistillStageConfig)
+    cs.store(group="stage", name="chain", node=ChainStageConfig)
     # sft / preference (issue 6)
+    cs.store(group="stage", name="sft", node=SFTStageConfig)
+    cs.store(group="stage", name="preference", node=PreferenceStageConfig)
     # merge (issue 7)
+    cs.store(group="stage", name="merge", node=MergeStageConfig)
     # eval / search (issue 8)
+    cs.store(group="stage", name="eval", node=EvalStageConfig)
+    cs.store(group="stage", name="search", node=SearchStageConfig)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

@@ -16,9 +16,15 @@ STAGES = {
     "midtrain": "lfm2_train.stages.pretrain",
     "cache_teacher": "lfm2_train.stages.cache_teacher",
     "distill": "lfm2_train.stages.distill",
+    "chain": "lfm2_train.stages.chain",
     # sft / preference (issue 6)
+    "sft": "lfm2_train.stages.sft",
+    "preference": "lfm2_train.stages.preference",
     # merge (issue 7)
+    "merge": "lfm2_train.stages.merge",
     # eval / search (issue 8)
+    "eval": "lfm2_train.stages.eval",
+    "search": "lfm2_train.stages.search",
 }
 
 
