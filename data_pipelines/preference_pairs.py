@@ -53,6 +53,7 @@ class PreferencePairsConfig:
     reference_field: str | None = None  # extra reference answers (text or list of texts)
     bundled_rows: int = 256  # prompts=None: problems generated from bundled_seed
     bundled_seed: int = 1
+    bundled_levels: list[int] | None = None  # prompts=None: task levels (tasks.arithmetic.LEVELS); None = all
     max_prompts: int | None = None
     n: int = 5  # samples per prompt
     temperature: float = 1.0
@@ -84,8 +85,9 @@ def prompt_rows(cfg: DictConfig) -> tuple[list[dict[str, Any]], str]:
     from lfm2_train.data.chat import normalize_messages
     from lfm2_train.data.chat_dataset import load_chat_rows
 
+    levels = list(cfg.bundled_levels) if cfg.bundled_levels is not None else None
     data = load_chat_rows(cfg.prompts, split=cfg.split, bundled_n=cfg.bundled_rows, bundled_seed=cfg.bundled_seed,
-                          cache_dir=cfg.cache_dir)
+                          bundled_levels=levels, cache_dir=cfg.cache_dir)
     rows = data.rows[: cfg.max_prompts] if cfg.max_prompts else data.rows
     out = []
     for row in rows:

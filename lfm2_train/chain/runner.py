@@ -186,8 +186,8 @@ class ChainRunner:
         key = _OWN_OUTPUT.get(step.job)
         if key:
             args.setdefault(key, str(directory))
-        else:
-            args.setdefault("overwrite", True)  # scores / orders inside a dataset: an unfinished step redoes them
+        if step.job != "tokenize":  # tokenize resumes its shards; the others redo an unfinished step's output
+            args.setdefault("overwrite", True)
         if step.job in ("tokenize", "scoring"):
             args.setdefault("progress", False)
         module = importlib.import_module(f"data_pipelines.{step.job}")

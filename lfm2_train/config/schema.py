@@ -278,6 +278,7 @@ class MergeStageConfig:
     eval_max_documents: int | None = None  # val_loss: None = data.val_max_documents
     eval_batch_size: int = 8  # rows (val_loss) or prompts (arithmetic) per forward
     eval_problems: int = 64  # arithmetic: problems (seeded by the root seed)
+    eval_levels: list[int] | None = None  # arithmetic: task levels (lfm2_train.tasks.arithmetic.LEVELS); None = all
     eval_max_new_tokens: int = 24  # arithmetic: greedy tokens per answer
     include_inputs: bool = True  # rank the input models too
     keep_candidates: bool = True  # keep every candidate's directory under candidates/

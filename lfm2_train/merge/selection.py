@@ -223,8 +223,8 @@ def validation_loss_evaluation(dataset_dir: str | Path, *, seq_len: int = 256, m
     return evaluate
 
 
-def arithmetic_evaluation(*, n: int = 64, seed: int = 0, max_new_tokens: int = 24, batch_size: int = 16
-                          ) -> Evaluation:
+def arithmetic_evaluation(*, n: int = 64, seed: int = 0, max_new_tokens: int = 24, batch_size: int = 16,
+                          levels: tuple[int, ...] | None = None) -> Evaluation:
     """Greedy chat-arithmetic accuracy (`arithmetic_accuracy`, higher is better); the checkpoint must ship
     its tokenizer."""
     from ..evaluation import arithmetic_accuracy
@@ -235,7 +235,7 @@ def arithmetic_evaluation(*, n: int = 64, seed: int = 0, max_new_tokens: int = 2
         if not (Path(path) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json: arithmetic accuracy needs the chat template")
         model = LFM2ForCausalLM.from_pretrained(path)
-        r = arithmetic_accuracy(model, LFM2Tokenizer.from_pretrained(path), n=n, seed=seed,
+        r = arithmetic_accuracy(model, LFM2Tokenizer.from_pretrained(path), n=n, seed=seed, levels=levels,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
         return {"arithmetic_accuracy": r["accuracy"]}
 

@@ -82,7 +82,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             evaluate = arithmetic_evaluation(n=stage.eval_problems, seed=cfg.seed,
                                              max_new_tokens=stage.eval_max_new_tokens,
-                                             batch_size=stage.eval_batch_size)
+                                             batch_size=stage.eval_batch_size,
+                                             levels=tuple(stage.eval_levels) if stage.eval_levels else None)
         summary = select_merge(candidates, evaluate, metric, higher, out_dir, include_inputs=stage.include_inputs,
                                keep_candidates=stage.keep_candidates, seed=cfg.seed, base_dir=base_dir, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
