@@ -281,6 +281,7 @@ class MergeStageConfig:
     eval_levels: list[int] | None = None  # arithmetic: task levels (lfm2_train.tasks.arithmetic.LEVELS); None = all
     eval_max_new_tokens: int = 24  # arithmetic: greedy tokens per answer
     include_inputs: bool = True  # rank the input models too
+    select_inputs: bool = False  # the output may be an unmerged input when it outranks every merge
     keep_candidates: bool = True  # keep every candidate's directory under candidates/
     max_shard_size: str = "2GB"  # output safetensors shard size (e.g. 500MB, 5GB)
     hash_inputs: bool = True  # sha256 of every input weight file in the manifest

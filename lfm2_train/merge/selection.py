@@ -118,7 +118,8 @@ def rank(rows: list[Row], metric: str, higher_is_better: bool) -> list[Row]:
     return sorted(rows, key=key)
 
 
-def write_tables(rows: list[Row], metric: str, higher_is_better: bool, out_dir: Path) -> tuple[Path, Path]:
+def write_tables(rows: list[Row], metric: str, higher_is_better: bool, out_dir: Path,
+                 chosen: Row | None = None) -> tuple[Path, Path]:
     names = sorted({k for r in rows for k in r.metrics})
     csv_path, md_path = out_dir / "selection.csv", out_dir / "selection.md"
     with open(csv_path, "w", newline="") as f:
@@ -135,8 +136,9 @@ def write_tables(rows: list[Row], metric: str, higher_is_better: bool, out_dir: 
         lines.append(f"| {i} | {r.name} | {r.kind} | " + " | ".join(vals) + " |")
     merges = [r for r in rows if r.kind == "merge"]
     inputs = [r for r in rows if r.kind == "input"]
-    if merges:
-        lines += ["", f"Chosen: **{merges[0].name}** ({metric} = {merges[0].metrics.get(metric)})."]
+    chosen = chosen or (merges[0] if merges else None)
+    if chosen is not None:
+        lines += ["", f"Chosen: **{chosen.name}** ({chosen.kind}, {metric} = {chosen.metrics.get(metric)})."]
     if merges and inputs:
         verdict = "beats" if rows.index(merges[0]) < rows.index(inputs[0]) else "does not beat"
         lines.append(f"The best merge {verdict} the best input ({inputs[0].name}, "
@@ -147,9 +149,11 @@ def write_tables(rows: list[Row], metric: str, higher_is_better: bool, out_dir: 
 
 def select_merge(candidates: list[Candidate], evaluate: Evaluation, metric: str, higher_is_better: bool,
                  out_dir: str | Path, *, include_inputs: bool = True, keep_candidates: bool = True, seed: int = 0,
-                 base_dir: str | Path | None = None, **merge_kwargs: Any) -> dict[str, Any]:
+                 base_dir: str | Path | None = None, select_inputs: bool = False,
+                 **merge_kwargs: Any) -> dict[str, Any]:
     """Merge every candidate into `out_dir/candidates/<name>`, evaluate it (and the inputs), rank, write
-    `selection.csv` / `selection.md`, and move the best merge to `out_dir/final`."""
+    `selection.csv` / `selection.md`, and copy the best merge to `out_dir/final` — or, with `select_inputs`,
+    the best model of the whole table, an unmerged input included, when merging did not pay."""
     out_dir = Path(out_dir)
     if not candidates:
         raise MergeConfigError("no merge candidates to select from")
@@ -170,13 +174,16 @@ def select_merge(candidates: list[Candidate], evaluate: Evaluation, metric: str,
             seen += [m for m in spec.models if m not in seen]
         for model in seen:
             metrics = _checked(evaluate(Path(model)), metric, model)
-            rows.append(Row(Path(model).name, "input", model, metrics))
+            rows.append(Row(_input_name(Path(model)), "input", model, metrics))
     ranked = rank(rows, metric, higher_is_better)
-    best = next(r for r in ranked if r.kind == "merge")
+    best = ranked[0] if select_inputs else next(r for r in ranked if r.kind == "merge")
     best_input = next((r for r in ranked if r.kind == "input"), None)
     if final.exists():
         shutil.rmtree(final)
-    if keep_candidates:
+    if best.kind == "input":
+        shutil.copytree(best.path, final, ignore=shutil.ignore_patterns("lfm2_train_manifest.json"))
+        (final / "lfm2_train_manifest.json").write_text(json.dumps({"stage": "merge", "input": best.path}))
+    elif keep_candidates:
         shutil.copytree(best.path, final)
     else:
         os.replace(best.path, final)
@@ -184,14 +191,21 @@ def select_merge(candidates: list[Candidate], evaluate: Evaluation, metric: str,
     manifest_path = final / "lfm2_train_manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["selection"] = {"metric": metric, "higher_is_better": higher_is_better, "chosen": best.name,
-                             "metrics": best.metrics, "candidates": len(candidates)}
+                             "kind": best.kind, "metrics": best.metrics, "candidates": len(candidates)}
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    csv_path, md_path = write_tables(ranked, metric, higher_is_better, out_dir)
-    beaten = best_input is not None and ranked.index(best_input) < ranked.index(best)
-    return {"final": str(final), "chosen": best.name, metric: best.metrics[metric], "candidates": len(candidates),
+    csv_path, md_path = write_tables(ranked, metric, higher_is_better, out_dir, chosen=best)
+    best_merge = next(r for r in ranked if r.kind == "merge")
+    beaten = best_input is not None and ranked.index(best_input) < ranked.index(best_merge)
+    return {"final": str(final), "chosen": best.name, "chosen_kind": best.kind, metric: best.metrics[metric],
+            "candidates": len(candidates),
             "best_input": best_input.name if best_input else None,
             "best_input_metric": best_input.metrics.get(metric) if best_input else None,
             "best_input_beats_merge": beaten, "selection_csv": str(csv_path), "selection_md": str(md_path)}
+
+
+def _input_name(model: Path) -> str:
+    """A readable name for an input: `<run>/final` is called by its run directory, not `final`."""
+    return f"{model.parent.name}/{model.name}" if model.name == "final" else model.name
 
 
 def _checked(metrics: dict[str, float], metric: str, name: str) -> dict[str, float]:

@@ -85,7 +85,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                              batch_size=stage.eval_batch_size,
                                              levels=tuple(stage.eval_levels) if stage.eval_levels else None)
         summary = select_merge(candidates, evaluate, metric, higher, out_dir, include_inputs=stage.include_inputs,
-                               keep_candidates=stage.keep_candidates, seed=cfg.seed, base_dir=base_dir, **kwargs)
+                               keep_candidates=stage.keep_candidates, seed=cfg.seed, base_dir=base_dir,
+                               select_inputs=stage.select_inputs, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nmerge: {json.dumps(summary, default=str)}")

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -62,3 +63,29 @@ def test_select_merge_publishes_the_best_and_ranks_inputs(tmp_path, make_checkpo
     assert "Chosen: **t=0.6**" in md and "beats the best input" in md
     with pytest.raises(KeyError, match="not the selection metric 'loss'"):
         select_merge(cands[:1], evaluate, "loss", False, tmp_path / "run2", hash_inputs=False)
+
+
+def test_select_inputs_keeps_an_unmerged_input_when_it_outranks_every_merge(tmp_path, monkeypatch):
+    from lfm2_train.merge import selection
+
+    a, b = tmp_path / "run_a" / "final", tmp_path / "run_b" / "final"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "weights.txt").write_text(d.parent.name)
+
+    def fake_merge(spec, path, **kw):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "lfm2_train_manifest.json").write_text("{}")
+
+    monkeypatch.setattr(selection, "merge_checkpoints", fake_merge)
+    monkeypatch.setattr(selection, "parse_merge_config", lambda c, **kw: SimpleNamespace(models=[str(a), str(b)],
+                                                                                         raw=c))
+    scores = {str(a): 0.9, str(b): 0.5}
+    evaluate = lambda p: {"acc": scores.get(str(p), 0.7)}  # noqa: E731 - merges score 0.7
+    cands = [selection.Candidate("soup", {"merge_method": "linear"})]
+    merged = selection.select_merge(cands, evaluate, "acc", True, tmp_path / "m1")
+    assert merged["chosen"] == "soup" and merged["best_input_beats_merge"] and merged["best_input"] == "run_a/final"
+    kept = selection.select_merge(cands, evaluate, "acc", True, tmp_path / "m2", select_inputs=True)
+    assert kept["chosen"] == "run_a/final" and kept["chosen_kind"] == "input" and kept["best_input_beats_merge"]
+    assert (tmp_path / "m2" / "final" / "weights.txt").read_text() == "run_a"
+    assert "Chosen: **run_a/final** (input" in (tmp_path / "m2" / "selection.md").read_text()
