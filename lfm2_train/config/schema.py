@@ -336,6 +336,7 @@ class SearchStageConfig:
     threads: int = 1
     dtype: str = "float32"  # float32 | bfloat16
     repeats: int = 2
+    runtime: str = "fast"  # fast (lfm2_train/inference/fast.py, the deployment path) | reference (the training model)
     measure_timeout_s: float = 300.0
     # budgets (None = none); latency budgets apply at every context
     max_ttft_ms: float | None = None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..inference import SamplingConfig, generate
+from ..inference.fast import FastLFM2
 from ..model import LFM2ForCausalLM
 
 
@@ -56,8 +57,11 @@ class ReferenceRunner:
         with _eval_mode(self.model):
             for start in range(0, len(prompts), self.batch_size):
                 chunk = [list(p)[-keep:] for p in prompts[start:start + self.batch_size]]
-                out.extend(generate(self.model, chunk, sampling).tokens)
+                out.extend(generate(self._generator(), chunk, sampling).tokens)
         return out
+
+    def _generator(self) -> LFM2ForCausalLM | FastLFM2:
+        return self.model
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -115,8 +119,20 @@ class _eval_mode:
         self.model.train(self.was_training)
 
 
-# name -> factory(model, batch_size). The fast CPU path (issue 8 part 1) registers itself here.
-RUNNERS: dict[str, Callable[[LFM2ForCausalLM, int], Runner]] = {"reference": ReferenceRunner}
+class FastRunner(ReferenceRunner):
+    """Generation through the fast CPU path (`inference/fast.py`, weights laid out once per runner; greedy
+    tokens equal the reference path's in fp32); log-likelihood scoring as the reference path."""
+
+    def __init__(self, model: LFM2ForCausalLM, batch_size: int = 16) -> None:
+        super().__init__(model, batch_size)
+        self.fast = FastLFM2.from_model(model)
+
+    def _generator(self) -> FastLFM2:
+        return self.fast
+
+
+# name -> factory(model, batch_size)
+RUNNERS: dict[str, Callable[[LFM2ForCausalLM, int], Runner]] = {"reference": ReferenceRunner, "fast": FastRunner}
 
 
 def make_runner(model: LFM2ForCausalLM, kind: str = "reference", batch_size: int = 16) -> Runner:

@@ -1,6 +1,7 @@
-"""Generation and sampling on top of the model's inference cache."""
+"""Generation and sampling on top of the model's inference cache, and the fast CPU path (`fast.py`)."""
 
+from .fast import FastLFM2
 from .generate import GenerationOutput, generate, left_pad
 from .sampling import SamplingConfig, filter_logits, select_next
 
-__all__ = ["GenerationOutput", "SamplingConfig", "filter_logits", "generate", "left_pad", "select_next"]
+__all__ = ["FastLFM2", "GenerationOutput", "SamplingConfig", "filter_logits", "generate", "left_pad", "select_next"]

@@ -13,6 +13,7 @@ timing loop drives the model's preallocated inference cache directly (what `infe
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -68,6 +69,21 @@ def time_generation(model: Any, prompt: Any, decode_tokens: int) -> tuple[float,
     """(seconds to the first token, seconds of each following decode step) for one greedy generation."""
     import torch
 
+    from ..inference.fast import FastLFM2
+
+    if isinstance(model, FastLFM2):  # the deployment path: preallocated state, fused projections
+        state = model.new_state(prompt.shape[0], prompt.shape[1] + decode_tokens + 1)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            nxt = model.prefill(state, prompt).argmax(-1)  # (B,)
+            ttft = time.perf_counter() - start
+            steps = []
+            for _ in range(decode_tokens):
+                start = time.perf_counter()
+                nxt = model.decode(state, nxt).argmax(-1)
+                steps.append(time.perf_counter() - start)
+        return ttft, steps
+
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + decode_tokens + 1)
     with torch.inference_mode():
         start = time.perf_counter()
@@ -95,6 +111,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     config = LFM2Config.from_dict(spec["config"], source="search candidate")
     dtype = getattr(torch, spec.get("dtype", "float32"))
     model = LFM2ForCausalLM(config).to(dtype).eval()
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    if spec.get("runtime", "fast") == "fast":
+        from ..inference.fast import FastLFM2
+
+        model = FastLFM2.from_model(model)  # the training model is dropped: only the deployed copy is measured
+        gc.collect()
+        reset = _reset_peak_rss() and reset
     batch = int(spec.get("batch_size", 1))
     decode_tokens = int(spec["decode_tokens"])
     repeats = int(spec.get("repeats", 2))
@@ -120,7 +143,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     peak_after = _peak_rss_mb()
     peak = max(peak_before, peak_after)
     out.update(peak_rss_mb=peak, rss_delta_mb=(peak_after if reset else peak) - rss_before,
-               weights_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+               weights_mb=weights_mb, runtime=spec.get("runtime", "fast"),
                threads=torch.get_num_threads())
     return out
 

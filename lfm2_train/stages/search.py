@@ -49,6 +49,8 @@ def _check(stage: DictConfig, cfg: DictConfig) -> None:
         raise ValueError(f"stage.memory_metric={stage.memory_metric!r}; choose one of {MEMORY_METRICS}")
     if stage.dtype not in DTYPES:
         raise ValueError(f"stage.dtype={stage.dtype!r}; choose one of {DTYPES}")
+    if stage.runtime not in ("fast", "reference"):
+        raise ValueError(f"stage.runtime={stage.runtime!r}; choose fast or reference")
     if not stage.contexts or any(c < 1 for c in stage.contexts):
         raise ValueError(f"stage.contexts={list(stage.contexts)} must be a non-empty list of positive lengths")
     for key in ("param_budget", "decode_tokens", "train_steps", "train_seq_len", "train_batch_size", "repeats"):
@@ -90,7 +92,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows.append(row)
         spec = {"config": {**base.to_dict(), **cand.overrides}, "contexts": list(stage.contexts),
                 "decode_tokens": stage.decode_tokens, "batch_size": stage.batch_size, "threads": stage.threads,
-                "dtype": stage.dtype, "repeats": stage.repeats, "seed": cfg.seed}
+                "dtype": stage.dtype, "repeats": stage.repeats, "seed": cfg.seed, "runtime": stage.runtime}
         try:
             m = measure_in_subprocess(spec, stage.measure_timeout_s)
         except MeasureError as e:

@@ -85,3 +85,12 @@ def test_loglikelihood_matches_a_full_forward_and_handles_padding():
         assert greedy == bool((logp[-len(cont):].argmax(-1) == targets[-len(cont):]).all())
     with pytest.raises(ValueError, match="continuation is empty"):
         runner.loglikelihood([([1], [])])
+
+
+def test_fast_runner_generates_the_reference_runners_tokens():
+    torch.manual_seed(0)
+    model = LFM2ForCausalLM(get_preset("tiny").replace(initializer_range=0.2)).eval()
+    prompts = [[1, 5, 9, 13], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
+    ref = make_runner(model, "reference", batch_size=2).generate(prompts, 12, stop_token_ids=[7])
+    fast = make_runner(model, "fast", batch_size=2).generate(prompts, 12, stop_token_ids=[7])
+    assert fast == ref and any(len(x) > 1 for x in ref)

@@ -53,10 +53,14 @@ steps:
                 stage.epochs=null, trainer.max_steps=2, trainer.micro_batch_size=4, optim.lr=1e-4, seed=1]
   - name: merge
     stage: merge
-    overrides: [stage.merge_method=linear, "stage.base_model={sft}/final",
-                "stage.models=[{model: '{pref_a}/final', parameters: {weight: 0.5}}, {model: '{pref_b}/final', parameters: {weight: 0.5}}]",
-                "stage.candidates=[{name: soup}, {name: ta, merge_method: task_arithmetic}]",
-                stage.evaluation=arithmetic, stage.eval_problems=8]
+    overrides:
+      - stage.merge_method=linear
+      - "stage.base_model={sft}/final"
+      - "stage.models=[{model: '{pref_a}/final', parameters: {weight: 0.5}},
+                       {model: '{pref_b}/final', parameters: {weight: 0.5}}]"
+      - "stage.candidates=[{name: soup}, {name: ta, merge_method: task_arithmetic}]"
+      - stage.evaluation=arithmetic
+      - stage.eval_problems=8
     evaluate: true
   - name: eval
     stage: eval

@@ -186,14 +186,16 @@ def test_torch_compile_matches_eager(tmp_path, tiny_dataset):
 
 
 @pytest.mark.slow
-def test_quick_start_default_trains_on_the_bundled_corpus(tmp_path, monkeypatch):
+def test_pretrain_without_data_path_trains_on_the_bundled_corpus(tmp_path, monkeypatch):
     monkeypatch.setenv("LFM2_TRAIN_CACHE", str(tmp_path / "cache"))
     register_configs()
     with initialize(version_base="1.3", config_path=None):
+        default = compose(config_name="lfm2_train", overrides=[])
         cfg = compose(config_name="lfm2_train", overrides=[
-            f"output_dir={tmp_path / 'run'}", "logger=disabled", "trainer.progress_bar=false",
+            "stage=pretrain", f"output_dir={tmp_path / 'run'}", "logger=disabled", "trainer.progress_bar=false",
             "trainer.max_steps=3", "trainer.eval_every=3", "trainer.eval_batches=2"])
-    assert cfg.stage.name == "pretrain" and cfg.data.path is None
+    assert default.stage.name == "chain" and default.stage.chain == "tiny"  # the quick start runs the whole chain
+    assert cfg.data.path is None
     summary = run_stage(cfg)
     assert summary["status"] == "finished" and summary["val_loss"] is not None
     assert len(list((tmp_path / "cache").glob("bundled-*/manifest.json"))) == 1

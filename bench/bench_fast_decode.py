@@ -1,0 +1,296 @@
+"""Fast CPU inference path (`FastLFM2`) vs `transformers`' `Lfm2ForCausalLM`, same weights and dtype; plus the
+memory-bandwidth bound of decode and the architecture claim (LFM2 vs an all-attention model of similar size).
+
+Batch 1, random weights saved once and loaded by both sides. Per dtype and context T, the two sides run back
+to back (order alternating per repetition): prefill = one pass over a T-token prompt into a fresh cache/state
+(logits of the last position; tokens/s = T / time); decode = N greedy single-token steps after it.
+`--int8` adds the weight-only int8 mode of the fast path (fp32 activations; no transformers counterpart).
+
+Bandwidth bound: copy bandwidth is measured here (`dst.copy_(src)` of 512 MiB, best of 5, read + write bytes
+counted, STREAM's convention); the decode limit of a mode = bandwidth / weight bytes read per token.
+
+Architecture (`--arch`): each model runs in its own subprocess through the fast path (so both get the same
+kernels): LFM2-350M vs the Qwen3-0.6B shape with LFM2's 65,536-token vocabulary (28 layers, all GQA attention
+with QK-norm, d 1024, 16/8 heads of 128, SwiGLU 3072, tied; 506M parameters) and the same shape cut to 18
+layers (350M parameters, matching LFM2-350M). Reported: decode tok/s after a T-token prompt, KV/conv state
+bytes at T + N tokens, and the peak RSS of inference (VmHWM reset after building the model).
+
+    PYTHONPATH=. python bench/bench_fast_decode.py            # default: fp32 + bf16 + int8 at 2048, arch
+    PYTHONPATH=. python bench/bench_fast_decode.py --quick    # tiny preset smoke test (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu_inference import machine_info, run_hf  # noqa: E402
+
+from lfm2_train.inference.fast import FastLFM2  # noqa: E402
+from lfm2_train.model import ATTENTION, LFM2Config, LFM2ForCausalLM, get_preset  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_OUT = Path("bench/results/fast_decode.json")
+QUICK_OUT = Path("bench/results/fast_decode_quick.json")
+RunResult = tuple[float, float, list[int]]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def copy_bandwidth(mib: int = 512, reps: int = 5) -> float:
+    """GB/s of `dst.copy_(src)` counting read + write bytes (best of `reps`)."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.zeros_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+@torch.inference_mode()
+def run_fast(fast: FastLFM2, ids: torch.Tensor, new_tokens: int) -> RunResult:
+    T = ids.shape[1]
+    t0 = time.perf_counter()
+    state = fast.new_state(1, T + new_tokens + 1)
+    logits = fast.prefill(state, ids)
+    t1 = time.perf_counter()
+    nxt = logits.argmax(-1)
+    tokens = [int(nxt)]
+    t2 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = fast.decode(state, nxt).argmax(-1)
+        tokens.append(int(nxt))
+    t3 = time.perf_counter()
+    return t1 - t0, t3 - t2, tokens
+
+
+def hf_runner(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> RunResult:
+    pre, dec, tokens, _ = run_hf(model, ids, new_tokens)
+    return pre, dec, tokens
+
+
+def qwen3_shape(num_layers: int, vocab: int = 65536) -> LFM2Config:
+    """All-attention Qwen3-0.6B shape in our own code: every layer GQA with QK-norm, no short convs."""
+    return LFM2Config(vocab_size=vocab, hidden_size=1024, num_hidden_layers=num_layers,
+                      layer_types=[ATTENTION] * num_layers, num_attention_heads=16, num_key_value_heads=8,
+                      head_dim=128, intermediate_size=3072, block_auto_adjust_ff_dim=False,
+                      max_position_embeddings=40960)
+
+
+ARCHS = {"lfm2-350m": lambda: get_preset("lfm2-350m"), "qwen3-0.6b-shape": lambda: qwen3_shape(28),
+         "qwen3-shape-18L": lambda: qwen3_shape(18)}
+
+
+# ---------------------------------------------------------------------------------------------- arch worker
+def _vm_hwm_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def arch_worker(arch: str, dtype: str, context: int, new_tokens: int, threads: int) -> dict[str, object]:
+    """Runs in a subprocess: build `arch` (random init), fast path in `dtype`, prefill + greedy decode."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = LFM2ForCausalLM(ARCHS[arch]()).eval()
+    params = model.num_parameters()
+    fast = FastLFM2.from_model(model, dtype=DTYPES[dtype])
+    del model
+    gc.collect()
+    try:  # reset the peak-RSS mark: what follows is inference only (weights resident + state + activations)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    ids = torch.randint(0, fast.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(1))
+    state = fast.new_state(1, context + new_tokens + 1)
+    state_bytes = state.nbytes
+    del state
+    pre, dec, _ = run_fast(fast, ids, new_tokens)
+    return {"arch": arch, "params": params, "dtype": dtype, "context": context, "new_tokens": new_tokens,
+            "prefill_tok_s": context / pre, "decode_tok_s": new_tokens / dec, "state_bytes": state_bytes,
+            "weight_bytes": fast.weight_bytes_per_token, "peak_rss_mib": _vm_hwm_mib()}
+
+
+def run_arch(args: argparse.Namespace, archs: list[str]) -> list[dict[str, object]]:
+    runs: dict[str, list[dict[str, object]]] = {a: [] for a in archs}
+    for rep in range(args.reps):
+        for arch in (archs if rep % 2 == 0 else archs[::-1]):
+            cmd = [sys.executable, __file__, "--arch-worker", arch, "--arch-dtype", args.arch_dtype,
+                   "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                   "--contexts", str(args.contexts[-1])]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[arch].append(res)
+            print(f"arch rep {rep + 1}/{args.reps} {arch:18s} {res['params'] / 1e6:6.1f}M decode "
+                  f"{res['decode_tok_s']:6.2f} tok/s state {res['state_bytes'] / 2**20:7.1f} MiB "
+                  f"peak RSS {res['peak_rss_mib']:7.0f} MiB", flush=True)
+    rows = []
+    for rs in runs.values():
+        row = dict(rs[0])
+        for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib"):
+            row[key] = statistics.median(r[key] for r in rs)  # type: ignore[misc]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main bench
+def bench(args: argparse.Namespace) -> dict[str, object]:
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    info["loadavg_start"] = os.getloadavg()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.1f} GB/s (read + write)", flush=True)
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(1234)
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        torch.manual_seed(0)
+        LFM2ForCausalLM(get_preset(args.preset)).save_pretrained(tmpdir)
+        vocab = get_preset(args.preset).vocab_size
+        prompts = {T: torch.randint(0, vocab, (1, T), generator=gen) for T in args.contexts}
+        modes = [(d, False) for d in args.dtypes] + ([("fp32", True)] if args.int8 else [])
+        for dname, int8 in modes:
+            mode = f"{dname}+int8" if int8 else dname
+            ours = LFM2ForCausalLM.from_pretrained(tmpdir, dtype=DTYPES[dname]).eval()
+            fast = FastLFM2.from_model(ours, int8=int8)
+            del ours
+            impls = {"fast": lambda ids, n, f=fast: run_fast(f, ids, n)}
+            if not int8:
+                hf = AutoModelForCausalLM.from_pretrained(tmpdir, dtype=DTYPES[dname]).eval()
+                impls["hf"] = lambda ids, n, m=hf: hf_runner(m, ids, n)
+            warm = prompts[args.contexts[0]][:, :32]
+            for run in impls.values():
+                run(warm, 2)
+            raw: dict[tuple[int, str], list[RunResult]] = {}
+            for rep in range(args.reps):
+                for k, T in enumerate(args.contexts):
+                    names = list(impls) if (rep + k) % 2 == 0 else list(impls)[::-1]
+                    for impl in names:
+                        res = impls[impl](prompts[T], args.new_tokens)
+                        raw.setdefault((T, impl), []).append(res)
+                        print(f"rep {rep + 1}/{args.reps} {mode:9s} T={T:5d} {impl:4s} prefill {res[0]:7.2f}s "
+                              f"({T / res[0]:7.1f} tok/s) decode {res[1]:6.2f}s "
+                              f"({args.new_tokens / res[1]:6.2f} tok/s)", flush=True)
+            for T in args.contexts:
+                row: dict[str, object] = {"mode": mode, "context": T, "new_tokens": args.new_tokens,
+                                          "weight_bytes_per_token": fast.weight_bytes_per_token}
+                for impl in impls:
+                    runs = raw[(T, impl)]
+                    row[f"{impl}_prefill_s"] = [r[0] for r in runs]
+                    row[f"{impl}_decode_s"] = [r[1] for r in runs]
+                    row[f"{impl}_prefill_tok_s"] = T / statistics.median(r[0] for r in runs)
+                    row[f"{impl}_decode_tok_s"] = args.new_tokens / statistics.median(r[1] for r in runs)
+                limit = bw * 1e9 / fast.weight_bytes_per_token
+                row["bandwidth_limit_tok_s"] = limit
+                row["fast_decode_frac_of_limit"] = row["fast_decode_tok_s"] / limit  # type: ignore[operator]
+                if "hf" in impls:
+                    row["prefill_ratio"] = row["fast_prefill_tok_s"] / row["hf_prefill_tok_s"]  # type: ignore
+                    row["decode_ratio"] = row["fast_decode_tok_s"] / row["hf_decode_tok_s"]  # type: ignore
+                    pairs = list(zip(raw[(T, "fast")], raw[(T, "hf")], strict=True))
+                    row["prefill_ratio_paired"] = statistics.median(h[0] / f[0] for f, h in pairs)
+                    row["decode_ratio_paired"] = statistics.median(h[1] / f[1] for f, h in pairs)
+                    a, b = raw[(T, "fast")][0][2], raw[(T, "hf")][0][2]
+                    row["greedy_agree"] = f"{sum(x == y for x, y in zip(a, b, strict=True))}/{len(a)}"
+                rows.append(row)
+            del fast, impls
+            gc.collect()
+    arch_rows = run_arch(args, list(ARCHS)) if args.arch else []
+    info["loadavg_end"] = os.getloadavg()
+    return {"machine": info, "copy_bandwidth_gb_s": bw, "args": {k: str(v) for k, v in vars(args).items()},
+            "rows": rows, "arch": arch_rows}
+
+
+def markdown(result: dict[str, object]) -> str:
+    m = result["machine"]
+    bw = result["copy_bandwidth_gb_s"]
+    lines = [
+        f"{m['cpu']} ({', '.join(m['isa'])}), {m['logical_cpus']} logical CPUs, {m['threads']} threads; torch "
+        f"{m['torch']}, transformers {m['transformers']}; {m['date']}; load average at start "
+        f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}. Copy bandwidth {bw:.1f} GB/s.",
+        "",
+        "| mode | context | fast prefill tok/s | HF prefill tok/s | ratio (paired) | fast decode tok/s "
+        "| HF decode tok/s | ratio (paired) | weights GB/token | bandwidth limit tok/s | fast / limit "
+        "| greedy agree |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        hf = "hf_prefill_tok_s" in r
+        lines.append(
+            f"| {r['mode']} | {r['context']} | {r['fast_prefill_tok_s']:.1f} | "
+            + (f"{r['hf_prefill_tok_s']:.1f} | {r['prefill_ratio']:.2f} ({r['prefill_ratio_paired']:.2f}) | "
+               if hf else "– | – | ")
+            + f"{r['fast_decode_tok_s']:.2f} | "
+            + (f"{r['hf_decode_tok_s']:.2f} | {r['decode_ratio']:.2f} ({r['decode_ratio_paired']:.2f}) | "
+               if hf else "– | – | ")
+            + f"{r['weight_bytes_per_token'] / 1e9:.3f} | {r['bandwidth_limit_tok_s']:.1f} | "
+            f"{r['fast_decode_frac_of_limit']:.0%} | {r.get('greedy_agree', '–')} |"
+        )
+    if result["arch"]:
+        lines += ["", "| model | params | decode tok/s | prefill tok/s | KV/conv state MiB | peak RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in result["arch"]:
+            lines.append(f"| {r['arch']} ({r['dtype']}, context {r['context']}) | {r['params'] / 1e6:.1f}M "
+                         f"| {r['decode_tok_s']:.2f} | {r['prefill_tok_s']:.1f} | {r['state_bytes'] / 2**20:.1f} "
+                         f"| {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="lfm2-350m")
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048], help="prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps after the prefill")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the fast path's int8 mode")
+    p.add_argument("--no-arch", dest="arch", action="store_false", help="skip the architecture comparison")
+    p.add_argument("--arch-dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--reps", type=int, default=1, help="repetitions (medians reported)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny preset, short prompts, no arch")
+    p.add_argument("--arch-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.contexts, args.new_tokens, args.arch = "tiny", [48], 8, False
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if args.new_tokens < 1 or args.reps < 1 or min(args.contexts) < 1:
+        p.error("--new-tokens, --reps and --contexts must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, object] | None:
+    args = parse_args(argv)
+    if args.arch_worker:
+        print(json.dumps(arch_worker(args.arch_worker, args.arch_dtype, args.contexts[-1], args.new_tokens,
+                                     args.threads)))
+        return None
+    t0 = time.perf_counter()
+    result = bench(args)
+    result["wall_s"] = time.perf_counter() - t0
+    print()
+    print(markdown(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out} ({result['wall_s']:.0f}s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

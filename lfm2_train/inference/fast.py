@@ -1,0 +1,413 @@
+"""A fast CPU inference path for LFM2, built from a trained model's weights (the training model is untouched).
+
+Why a second implementation: the training model is written for autograd, packing and distributed wrappers;
+decode on a CPU is instead bound by the bytes of weights streamed per token and by per-op overhead. Here:
+- weights are re-laid out once: fused QKV and fused w1|w3 (one matrix-vector product instead of three / two),
+  optionally weight-only int8 (`quant.Int8Linear`);
+- all state is preallocated (KV for attention layers, a (k-1)-token window for conv layers, RoPE tables), and a
+  decode step is a straight sequence of tensor ops — no layout objects, no mask building without padding;
+- GQA decode attention is two batched products over the KV heads (no repeated K/V copies);
+- in bf16 the *large* products (prefill) upcast each weight to fp32 and use the fp32 GEMM, because CPUs without
+  native bf16 (AVX2) run bf16 GEMMs several times slower than fp32; the matrix-vector products of decode stay
+  in bf16 (half the bytes);
+- prefill runs in chunks (`prefill_chunk` tokens), so activations stay cache-sized.
+
+Public API (used by generation, eval and search):
+    fast = FastLFM2.from_model(model, dtype=torch.bfloat16, int8=False)
+    state = fast.new_state(batch_size, max_length)
+    logits = fast.prefill(state, ids, attention_mask)   # (B, V) fp32, last position
+    logits = fast.decode(state, next_ids)                # (B, V) fp32
+    fast.logits(ids, attention_mask)                     # (B, T, V) fp32, every position (scoring)
+    fast.generate(prompts, SamplingConfig(...))          # same contract as `inference.generate`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
+from .quant import Int8Linear
+
+LinearFn = Callable[[torch.Tensor], torch.Tensor]
+# Products with more rows than this count as GEMMs (prefill) rather than matrix-vector products (decode).
+GEMM_MIN_ROWS = 16
+
+
+class DenseLinear:
+    """`x @ W.T` in the weight's dtype; bf16 GEMMs upcast the weight to fp32 first (see the module doc)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight.detach().contiguous()
+        self.upcast_gemm = self.weight.dtype in (torch.bfloat16, torch.float16)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast_gemm and x.numel() // x.shape[-1] > GEMM_MIN_ROWS:
+            return F.linear(x.float(), self.weight.float()).to(x.dtype)
+        return F.linear(x, self.weight)
+
+
+def _make_linear(weight: torch.Tensor, dtype: torch.dtype, int8: bool) -> DenseLinear | Int8Linear:
+    return Int8Linear(weight) if int8 else DenseLinear(weight.to(dtype))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm, op for op (fp32 statistics, cast back before the weight)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE on x (B, T, heads, D) with cos/sin (B, T, 1, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class FastState:
+    """Preallocated decode state for `batch_size` rows of up to `max_length` tokens."""
+
+    batch_size: int
+    max_length: int
+    keys: dict[int, torch.Tensor]  # layer -> (B, G, max_length, D)
+    values: dict[int, torch.Tensor]
+    conv: dict[int, torch.Tensor]  # layer -> (B, k-1, d): the last k-1 gated inputs, oldest first
+    key_valid: torch.Tensor  # (B, max_length) bool: False for left padding
+    next_position: torch.Tensor  # (B,) RoPE position of each row's next token
+    length: int = 0
+    has_padding: bool = False
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only / reorder rows (e.g. drop finished sequences from a batch)."""
+        for store in (self.keys, self.values, self.conv):
+            for i in store:
+                store[i] = store[i].index_select(0, index)
+        self.key_valid = self.key_valid.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+        self.batch_size = int(index.numel())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV + conv state (what grows with the context for attention layers)."""
+        tensors = [*self.keys.values(), *self.values.values(), *self.conv.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _Layer:
+    """One decoder layer's weights, re-laid out for inference."""
+
+    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, int8: bool) -> None:
+        cfg = model.config
+        layer = model.model.layers[idx]
+        self.is_attention = cfg.layer_types[idx] == ATTENTION
+        self.operator_norm = layer.operator_norm.weight.detach().to(act)
+        self.ffn_norm = layer.ffn_norm.weight.detach().to(act)
+        if self.is_attention:
+            a = layer.self_attn
+            self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+            self.scale = a.scale
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0).detach()
+            self.qkv = _make_linear(qkv, dtype, int8)
+            self.out_proj = _make_linear(a.out_proj.weight.detach(), dtype, int8)
+            self.q_norm = a.q_layernorm.weight.detach().to(act)
+            self.k_norm = a.k_layernorm.weight.detach().to(act)
+        else:
+            c = layer.conv
+            if c.in_proj.bias is not None or c.out_proj.bias is not None or c.conv.bias is not None:
+                raise NotImplementedError("FastLFM2 does not support conv_bias=true checkpoints (none are released)")
+            self.in_proj = _make_linear(c.in_proj.weight.detach(), dtype, int8)
+            self.out_proj = _make_linear(c.out_proj.weight.detach(), dtype, int8)
+            self.conv_w = c.conv.weight.detach()[:, 0, :].t().float().contiguous()  # (k, d), oldest tap first
+        self.moe = cfg.is_moe_layer(idx)
+        ff = layer.feed_forward
+        if self.moe:
+            # Router and experts keep the float dtype (int8 covers the dense products).
+            self.gate = ff.gate.weight.detach().to(act)
+            self.expert_bias = ff.expert_bias.detach().float() if ff.use_expert_bias else None
+            self.top_k, self.norm_topk, self.routed_scale = ff.top_k, ff.norm_topk, ff.scaling
+            self.e_w1 = ff.experts.w1.detach().to(act)
+            self.e_w3 = ff.experts.w3.detach().to(act)
+            self.e_w2 = ff.experts.w2.detach().to(act)
+        else:
+            self.ff_dim = ff.w1.weight.shape[0]
+            self.w13 = _make_linear(torch.cat([ff.w1.weight, ff.w3.weight], dim=0).detach(), dtype, int8)
+            self.w2 = _make_linear(ff.w2.weight.detach(), dtype, int8)
+
+    def linears(self) -> list[DenseLinear | Int8Linear]:
+        names = ("qkv", "in_proj", "out_proj", "w13", "w2")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+    def float_weights(self) -> list[torch.Tensor]:
+        names = ("operator_norm", "ffn_norm", "q_norm", "k_norm", "conv_w", "gate", "e_w1", "e_w3", "e_w2")
+        return [getattr(self, n) for n in names if hasattr(self, n)]
+
+
+class FastLFM2:
+    """Inference-only LFM2 on plain tensors; see the module docstring for what makes it fast."""
+
+    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, int8: bool, prefill_chunk: int) -> None:
+        cfg: LFM2Config = model.config
+        if prefill_chunk < 1:
+            raise ValueError(f"FastLFM2 prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.config = cfg
+        self.dtype = dtype  # float dtype of weights (and of activations unless int8)
+        self.int8 = int8
+        # int8 keeps activations / state in `dtype` (fp32 by default); only matrix operands are int8.
+        self.act_dtype = dtype
+        self.prefill_chunk = prefill_chunk
+        self.eps = cfg.norm_eps
+        self.kernel = cfg.conv_L_cache
+        self.device = model.model.embed_tokens.weight.device
+        if self.device.type != "cpu":
+            raise ValueError(f"FastLFM2 is a CPU path; the model is on {self.device}")
+        with torch.no_grad():
+            self.layers = [_Layer(model, i, dtype, self.act_dtype, int8) for i in range(cfg.num_hidden_layers)]
+            self.final_norm = model.model.embedding_norm.weight.detach().to(self.act_dtype)
+            embed = model.model.embed_tokens.weight.detach()
+            head = model.lm_head.weight.detach()
+            self.head = _make_linear(head, dtype, int8)
+            tied = head.data_ptr() == embed.data_ptr()
+            # Tied int8: look embeddings up in the quantized head (one table); float: share the same tensor.
+            if tied and isinstance(self.head, Int8Linear):
+                self.embed_q: Int8Linear | None = self.head
+                self.embed = None
+            elif tied:
+                self.embed_q, self.embed = None, self.head.weight
+            else:
+                self.embed_q, self.embed = None, embed.to(self.act_dtype)
+        self.inv_freq = model.model.rotary.inv_freq.detach().float()
+        self._cos = self._sin = torch.empty(0)
+
+    @classmethod
+    def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, int8: bool = False,
+                   prefill_chunk: int = 512) -> FastLFM2:
+        """Copy `model`'s weights into the inference layout.
+
+        `dtype`: float dtype of weights and activations (default: the model's). `int8`: weight-only int8 for
+        every dense projection and the LM head (per-row scales); activations then stay in `dtype`.
+        """
+        if dtype is None:
+            dtype = model.model.embed_tokens.weight.dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"FastLFM2 dtype must be a float dtype, got {dtype}")
+        return cls(model, dtype, int8, prefill_chunk)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (every projection and the LM head; MoE: all experts)."""
+        total = self.head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
+        for layer in self.layers:
+            total += sum(lin.nbytes for lin in layer.linears())
+            total += sum(t.numel() * t.element_size() for t in layer.float_weights())
+        return total
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, batch_size: int, max_length: int) -> FastState:
+        cfg = self.config
+        keys, values, conv = {}, {}, {}
+        for i, layer in enumerate(self.layers):
+            if layer.is_attention:
+                shape = (batch_size, layer.n_kv, max_length, layer.head_dim)
+                keys[i] = torch.zeros(shape, dtype=self.act_dtype)
+                values[i] = torch.zeros(shape, dtype=self.act_dtype)
+            else:
+                conv[i] = torch.zeros(batch_size, self.kernel - 1, cfg.hidden_size, dtype=self.act_dtype)
+        self._rope_table(max_length)
+        return FastState(batch_size=batch_size, max_length=max_length, keys=keys, values=values, conv=conv,
+                         key_valid=torch.ones(batch_size, max_length, dtype=torch.bool),
+                         next_position=torch.zeros(batch_size, dtype=torch.long))
+
+    def _rope_table(self, n: int) -> None:
+        """cos/sin for positions < n, computed exactly as the model computes them per call."""
+        if self._cos.shape[0] >= n:
+            return
+        freqs = torch.arange(n, dtype=torch.long).float()[:, None] * self.inv_freq  # (n, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = emb.cos(), emb.sin()
+
+    # ------------------------------------------------------------------ public steps
+    @torch.inference_mode()
+    def prefill(self, state: FastState, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """Feed (B, T) tokens (left padding marked 0 in `attention_mask`) in chunks of `prefill_chunk`.
+
+        Returns fp32 logits of the last position (B, V), or of every position (B, T, V) with `all_logits`.
+        """
+        if ids.dim() != 2 or ids.shape[0] != state.batch_size:
+            raise ValueError(f"prefill ids must be (batch={state.batch_size}, T), got {tuple(ids.shape)}")
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != ids {tuple(ids.shape)}")
+            valid = attention_mask.to(torch.bool)
+            if bool(valid.all()):
+                valid = None
+        T = ids.shape[1]
+        outs = []
+        for start in range(0, T, self.prefill_chunk):
+            end = min(T, start + self.prefill_chunk)
+            chunk_valid = valid[:, start:end] if valid is not None else None
+            h = self._forward(state, ids[:, start:end], chunk_valid)  # (B, C, d) final-normed
+            if all_logits:
+                outs.append(self.head(h).float())
+        if all_logits:
+            return torch.cat(outs, dim=1)
+        return self.head(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def decode(self, state: FastState, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row: ids (B,) or (B, 1) -> fp32 logits (B, V)."""
+        h = self._forward(state, ids.reshape(state.batch_size, 1), None)
+        return self.head(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) fp32 for every position of a fresh batch (log-likelihood scoring)."""
+        state = self.new_state(ids.shape[0], ids.shape[1])
+        return self.prefill(state, ids, attention_mask, all_logits=True)
+
+    def generate(self, prompts: list[list[int]] | list[int], cfg: object = None, **overrides: object) -> object:
+        """`inference.generate` on this fast path (same arguments, same `GenerationOutput`)."""
+        from .generate import generate
+
+        return generate(self, prompts, cfg, **overrides)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ the network
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_q is not None:
+            q = self.embed_q
+            return (q.q[ids].float() * q.scale[ids][..., None]).to(self.act_dtype)
+        return self.embed[ids].to(self.act_dtype)
+
+    def _forward(self, state: FastState, ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """ids (B, T) -> final-normed hidden (B, T, d); writes the tokens into `state`."""
+        B, T = ids.shape
+        P = state.length
+        if P + T > state.max_length:
+            raise ValueError(f"FastState holds {state.max_length} tokens; {P} used, {T} more requested")
+        if valid is not None:
+            steps = (valid.long().cumsum(1) - 1).clamp(min=0)
+            state.key_valid[:, P:P + T] = valid
+            state.has_padding = state.has_padding or not bool(valid.all())
+        else:
+            steps = torch.arange(T).expand(B, T)
+        positions = state.next_position[:, None] + steps  # (B, T)
+        cos = self._cos[positions].to(self.act_dtype)[:, :, None]  # (B, T, 1, D)
+        sin = self._sin[positions].to(self.act_dtype)[:, :, None]
+        mask = self._attention_mask(state, T) if T > 1 or state.has_padding else None
+        valid_f = valid[:, :, None].to(self.act_dtype) if valid is not None else None
+
+        h = self._embed(ids)  # (B, T, d)
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(h, layer.operator_norm, self.eps)
+            if layer.is_attention:
+                h = h + self._attention(layer, x, state.keys[i], state.values[i], P, cos, sin, mask)
+            else:
+                h = h + self._conv(layer, x, state.conv[i], valid_f)
+            x = _rms_norm(h, layer.ffn_norm, self.eps)
+            h = h + (self._moe(layer, x) if layer.moe else self._ffn(layer, x))
+        state.length = P + T
+        state.next_position += valid.sum(1) if valid is not None else T
+        return _rms_norm(h, self.final_norm, self.eps)
+
+    def _attention_mask(self, state: FastState, T: int) -> torch.Tensor | None:
+        """(B, 1, T, P+T) bool, True = may attend; None when plain causal (SDPA's is_causal) is exact."""
+        P = state.length
+        if P == 0 and not state.has_padding:
+            return None
+        q_pos = torch.arange(P, P + T)
+        k_pos = torch.arange(P + T)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None] & state.key_valid[:, None, : P + T]  # (B, T, P+T)
+        allowed |= (k_pos[None, :] == q_pos[:, None])[None]  # a padded query sees itself: no empty softmax row
+        return allowed[:, None]
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, P: int,
+                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G, D = layer.n_heads, layer.n_kv, layer.head_dim
+        q, k, v = layer.qkv(x).split([H * D, G * D, G * D], dim=-1)
+        q = _rotate(_rms_norm(q.view(B, T, H, D), layer.q_norm, self.eps), cos, sin)  # (B, T, H, D)
+        k = _rotate(_rms_norm(k.view(B, T, G, D), layer.k_norm, self.eps), cos, sin)  # (B, T, G, D)
+        kc[:, :, P:P + T] = k.transpose(1, 2)
+        vc[:, :, P:P + T] = v.view(B, T, G, D).transpose(1, 2)
+        keys, values = kc[:, :, : P + T], vc[:, :, : P + T]  # (B, G, S, D)
+        if T == 1:
+            # GQA decode as two batched products over KV heads: q rows of one group share a K/V head.
+            qg = q.view(B, G, H // G, D)  # head h uses kv head h // (H/G), as repeat_interleave does
+            scores = torch.matmul(qg, keys.transpose(-1, -2)) * layer.scale  # (B, G, H/G, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.view(B, 1, 1, P + 1), float("-inf"))
+            probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+            out = torch.matmul(probs, values).reshape(B, 1, H * D)  # (B, 1, H*D)
+        else:
+            qt = q.transpose(1, 2)
+            if self.act_dtype != torch.float32:  # no native bf16 attention on AVX2 CPUs: fp32 is faster
+                qt, keys, values = qt.float(), keys.float(), values.float()
+            out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                 scale=layer.scale, enable_gqa=H != G)
+            out = out.to(self.act_dtype).transpose(1, 2).reshape(B, T, H * D)
+        return layer.out_proj(out)
+
+    def _conv(self, layer: _Layer, x: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None
+              ) -> torch.Tensor:
+        T = x.shape[1]
+        k = self.kernel
+        b, c, xx = layer.in_proj(x).chunk(3, dim=-1)  # each (B, T, d)
+        y = b * xx
+        if valid is not None:
+            y = y * valid  # padding contributes nothing, now or as history
+        full = torch.cat([state, y], dim=1)  # (B, k-1+T, d): history then this chunk
+        w = layer.conv_w  # (k, d) fp32
+        if T == 1:
+            z = (full.float() * w).sum(1, keepdim=True)  # (B, 1, d), fp32 accumulation
+        else:
+            ff = full.float()
+            z = ff[:, k - 1:] * w[k - 1]
+            for lag in range(1, k):
+                z = z + ff[:, k - 1 - lag: k - 1 - lag + T] * w[k - 1 - lag]
+        state.copy_(full[:, -(k - 1):])
+        return layer.out_proj(c * z.to(x.dtype))
+
+    def _ffn(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        a, g = layer.w13(x).split(layer.ff_dim, dim=-1)
+        return layer.w2(F.silu(a) * g)
+
+    def _moe(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        scores = torch.sigmoid(F.linear(flat, layer.gate))  # (N, E)
+        if layer.expert_bias is not None:
+            chosen = torch.topk(scores + layer.expert_bias, layer.top_k, dim=-1).indices
+            weights = scores.gather(-1, chosen)
+        else:
+            weights, chosen = torch.topk(scores, layer.top_k, dim=-1)
+        if layer.norm_topk:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-6)
+        weights = weights * layer.routed_scale
+        N, k = chosen.shape
+        flat_expert = chosen.flatten()
+        order = flat_expert.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat_expert, minlength=layer.e_w1.shape[0]).tolist()
+        out = torch.zeros_like(flat)
+        flat_w = weights.flatten()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows, tokens = order[start:start + n], token_of[start:start + n]
+            xe = flat[tokens]
+            ye = F.linear(F.silu(F.linear(xe, layer.e_w1[e])) * F.linear(xe, layer.e_w3[e]), layer.e_w2[e])
+            out.index_add_(0, tokens, ye * flat_w[rows, None].to(ye.dtype))
+            start += n
+        return out.view(B, T, d)
