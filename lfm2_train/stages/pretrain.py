@@ -55,6 +55,10 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     if data.verify_hashes:
         verify_shards(dataset_dir, manifest)
     tokenizer = LFM2Tokenizer.from_pretrained(tokenizer_dir)
+    init_tok = Path(cfg.model.init_from or "") / "tokenizer.json"
+    if cfg.model.init_from and init_tok.is_file():  # the checkpoint's ids must mean what the dataset's ids mean
+        check_compatible(manifest, tokenizer_fingerprint=LFM2Tokenizer.from_pretrained(init_tok.parent).fingerprint(),
+                         vocab_size=None, source=f"{dataset_dir} (against model.init_from={cfg.model.init_from})")
     model = build_model(cfg.model)
     check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=model.config.vocab_size,
                      source=str(dataset_dir))

@@ -16,9 +16,10 @@ from lfm2_train.config import register_configs
 from lfm2_train.data.format import DataFormatError
 from lfm2_train.engine.distributed import Runtime
 from lfm2_train.engine.trainer import Trainer, TrainingDiverged
-from lfm2_train.model import LFM2ForCausalLM
+from lfm2_train.model import LFM2ForCausalLM, get_preset
 from lfm2_train.stages import run_stage
 from lfm2_train.stages.pretrain import build_job
+from lfm2_train.tokenizer import train_bpe_tokenizer
 
 BASE = ["stage=pretrain", "logger=disabled", "trainer.progress_bar=false", "trainer.max_steps=6",
         "trainer.micro_batch_size=4", "data.seq_len=32", "trainer.eval_every=3", "trainer.checkpoint_every=2",
@@ -123,6 +124,12 @@ def test_bad_inputs_fail_before_any_step(tmp_path, tiny_dataset, make_dataset, m
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataFormatError, match="tokenized with tokenizer"):
         run_stage(_cfg(tmp_path / "x", other))
+    # A checkpoint whose tokenizer differs from the dataset's: its ids would mean other text.
+    ckpt = tmp_path / "ckpt"
+    LFM2ForCausalLM(get_preset("tiny")).save_pretrained(ckpt)
+    train_bpe_tokenizer(make_texts(200, seed=9), vocab_size=300).save_pretrained(ckpt)
+    with pytest.raises(DataFormatError, match="against model.init_from"):
+        run_stage(_cfg(tmp_path / "x", tiny_dataset, f"model.init_from={ckpt}"))
     empty = make_dataset(tmp_path / "empty", [])
     with pytest.raises(DataFormatError, match="holds no documents"):
         run_stage(_cfg(tmp_path / "x", empty))
