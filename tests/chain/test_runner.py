@@ -156,3 +156,23 @@ def test_changed_evaluation_settings_rescore_without_retraining(tmp_path):
     assert [r.status for r in records] == ["skipped", "skipped"] and len(scored) == 2
     assert records[1].metrics["accuracy"] == 0.75
     assert json.loads((tmp_path / "w" / "01-b" / "chain_step.json").read_text())["eval_key"] == "other"
+
+
+def test_a_data_job_killed_midway_is_redone_on_the_next_run(tmp_path, monkeypatch):
+    import data_pipelines.curriculum as job
+
+    spec = load_chain(str(_write(tmp_path, "steps:\n  - {name: order, job: curriculum, args: {dataset: x}}\n")))
+    calls = []
+
+    def killed(cfg):
+        calls.append(dict(cfg))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _runner(spec, tmp_path / "w", FakeStages()).run()
+    assert json.loads((tmp_path / "w" / "00-order" / "chain_step.json").read_text())["status"] == "running"
+    monkeypatch.setattr(job, "run", lambda cfg: calls.append(dict(cfg)) or {"status": "complete"})
+    records = _runner(spec, tmp_path / "w", FakeStages()).run()
+    assert [r.status for r in records] == ["done"] and len(calls) == 2
+    assert calls[1]["overwrite"] is True  # whatever the killed run left is replaced, not trusted
