@@ -195,6 +195,8 @@ class Trainer:
         except StopIteration:
             raise RuntimeError(f"training data exhausted at step {self.step}: the document sequence is shorter "
                                "than trainer.max_steps needs") from None
+        # The normaliser, known before any backward: non-ignored entries of `labels` — tokens for LM losses, one
+        # per pair for preference batches (data/preference.py gives each pair a single label).
         n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
         n_global = int(self.runtime.all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
         if n_global == 0:
