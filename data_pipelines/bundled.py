@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .corpus import bundled_corpus_index
+from .corpus import bundled_corpus_dir, bundled_corpus_index
 
 SHARD_TOKENS = 262_144  # several shards even for the small corpus, so shard-level code paths are exercised
 
 
 def bundled_dataset_dir() -> Path:
+    # The tokenize job identifies its sources by path, so the installed location is part of the key: a second
+    # checkout (or a moved one) gets its own directory instead of a "made with a different config" refusal.
     settings = {"corpus": bundled_corpus_index(), "shard_tokens": SHARD_TOKENS, "tokenizer": "bundled-tiny",
-                "version": 1}
+                "location": str(bundled_corpus_dir()), "version": 1}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("LFM2_TRAIN_CACHE", Path.home() / ".cache" / "lfm2_train"))
     return root / f"bundled-{key}"
