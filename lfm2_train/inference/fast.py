@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
+from ..model.cache import reorder_rows
 from .quant import Int8Linear
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
@@ -88,12 +89,7 @@ class FastState:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only / reorder rows (e.g. drop finished sequences from a batch)."""
-        for store in (self.keys, self.values, self.conv):
-            for i in store:
-                store[i] = store[i].index_select(0, index)
-        self.key_valid = self.key_valid.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
-        self.batch_size = int(index.numel())
+        reorder_rows(self, index)
 
     @property
     def nbytes(self) -> int:

@@ -7,6 +7,8 @@ The conv state is what makes LFM2 cheap on CPU: it is O(1) in the context length
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .config import ATTENTION, LFM2Config
@@ -65,9 +67,15 @@ class InferenceCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only / reorder rows (e.g. drop finished sequences from a batch)."""
-        for store in (self.keys, self.values, self.conv):
-            for i in store:
-                store[i] = store[i].index_select(0, index)
-        self.key_valid = self.key_valid.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)
-        self.batch_size = int(index.numel())
+        reorder_rows(self, index)
+
+
+def reorder_rows(state: InferenceCache | Any, index: torch.Tensor) -> None:
+    """Keep only / reorder the rows of any per-row decode state with `keys`, `values`, `conv` (layer -> tensor
+    with the batch first), `key_valid` and `next_position` — this cache and the fast path's `FastState`."""
+    for store in (state.keys, state.values, state.conv):
+        for i in store:
+            store[i] = store[i].index_select(0, index)
+    state.key_valid = state.key_valid.index_select(0, index)
+    state.next_position = state.next_position.index_select(0, index)
+    state.batch_size = int(index.numel())
