@@ -62,3 +62,19 @@ def make_dataset():
 @pytest.fixture
 def make_texts():
     return arithmetic_texts
+
+
+@pytest.fixture
+def reference_loads(monkeypatch) -> dict[str, int]:
+    """Counts how often the preference stage builds pi_ref (a cache hit must not build it at all)."""
+    from lfm2_train.data import ref_logps
+
+    calls = {"n": 0}
+    real = ref_logps.load_reference_model
+
+    def counting(path, device="cpu"):
+        calls["n"] += 1
+        return real(path, device)
+
+    monkeypatch.setattr(ref_logps, "load_reference_model", counting)
+    return calls

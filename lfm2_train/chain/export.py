@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..model import LFM2ForCausalLM
-from .runner import copy_tree
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a model directory's files (not its subdirectories) atomically into `dst`."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
 
 
 def export_model(model_dir: Path, out_dir: Path, check_transformers: bool = True) -> dict[str, Any]:

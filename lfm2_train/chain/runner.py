@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,16 +201,3 @@ def _jsonable(value: Any) -> bool:
     except TypeError:
         return False
 
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a model directory's files (not its subdirectories) atomically into `dst`."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            shutil.copy2(f, tmp / f.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)

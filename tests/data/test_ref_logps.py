@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import lfm2_train.data.ref_logps as ref_mod
 from lfm2_train.data.format import DataFormatError
 from lfm2_train.data.preference import encode_pair, pairs_hash
 from lfm2_train.data.ref_logps import REF_ARRAY, StaleCacheError, compute_reference_logps, reference_logps
@@ -31,17 +30,6 @@ def _save_model(path, seed):
     return path
 
 
-@pytest.fixture
-def counter(monkeypatch):
-    calls = {"n": 0}
-    real = ref_mod.load_reference_model
-
-    def counting(path, device="cpu"):
-        calls["n"] += 1
-        return real(path, device)
-
-    monkeypatch.setattr(ref_mod, "load_reference_model", counting)
-    return calls
 
 
 def _get(tok, pairs, ref, directory=None, **kw):
@@ -49,13 +37,13 @@ def _get(tok, pairs, ref, directory=None, **kw):
                            reference=ref, pad_id=tok.pad_token_id, directory=directory, batch_pairs=2, **kw)
 
 
-def test_second_run_reads_the_cache_without_building_the_reference(tmp_path, tok, counter):
+def test_second_run_reads_the_cache_without_building_the_reference(tmp_path, tok, reference_loads):
     ref = _save_model(tmp_path / "ref", 0)
     pairs = _pairs(tok)
     first, info = _get(tok, pairs, ref, tmp_path / "cache")
-    assert info["status"] == "computed" and counter["n"] == 1
+    assert info["status"] == "computed" and reference_loads["n"] == 1
     again, info2 = _get(tok, pairs, ref, tmp_path / "cache")
-    assert info2["status"] == "hit" and counter["n"] == 1
+    assert info2["status"] == "hit" and reference_loads["n"] == 1
     assert np.array_equal(first, again) and first.shape == (5, 2) and (first < 0).all()
     # batched, length-sorted and padded == one pair at a time
     model = LFM2ForCausalLM.from_pretrained(ref)
@@ -63,7 +51,7 @@ def test_second_run_reads_the_cache_without_building_the_reference(tmp_path, tok
     assert np.allclose(first, single, atol=1e-5)
 
 
-def test_changed_data_or_weights_invalidate(tmp_path, tok, counter, monkeypatch):
+def test_changed_data_or_weights_invalidate(tmp_path, tok, reference_loads, monkeypatch):
     monkeypatch.setenv("LFM2_TRAIN_CACHE", str(tmp_path / "root"))
     ref = _save_model(tmp_path / "ref", 0)
     pairs = _pairs(tok)
@@ -71,7 +59,7 @@ def test_changed_data_or_weights_invalidate(tmp_path, tok, counter, monkeypatch)
     assert info["directory"].startswith(str(tmp_path / "root" / "ref_logps"))
     other, info_other = _get(tok, _pairs(tok, offset=1), ref)  # other data: another key, another directory
     assert info_other["status"] == "computed" and info_other["directory"] != info["directory"]
-    assert np.array_equal(other[:4], base[1:]) and counter["n"] == 2
+    assert np.array_equal(other[:4], base[1:]) and reference_loads["n"] == 2
 
     explicit = tmp_path / "cache"
     _get(tok, pairs, ref, explicit)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hydra import compose, initialize
 
-import lfm2_train.data.ref_logps as ref_mod
 from lfm2_train.config import register_configs
 from lfm2_train.data.ref_logps import StaleCacheError
 from lfm2_train.model import LFM2ForCausalLM, get_preset
@@ -55,16 +54,9 @@ def _losses(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_trains_reuses_the_reference_cache_and_exports(tmp_path, sft_dir, monkeypatch):
+def test_trains_reuses_the_reference_cache_and_exports(tmp_path, sft_dir, reference_loads):
     pairs = _write_pairs(tmp_path / "pairs.jsonl")
-    calls = {"n": 0}
-    real = ref_mod.load_reference_model
-
-    def counting(path, device="cpu"):
-        calls["n"] += 1
-        return real(path, device)
-
-    monkeypatch.setattr(ref_mod, "load_reference_model", counting)
+    calls = reference_loads
     common = [f"model.init_from={sft_dir}", f"stage.dataset={pairs}", f"stage.ref_cache={tmp_path / 'ref'}",
               "stage.losses=[{name: ln_dpo, weight: 1.0}, {name: apo_zero, weight: 0.5, length_normalize: true}]"]
     a = run_stage(_cfg(tmp_path / "a", *common))
