@@ -31,37 +31,65 @@ import torch.nn.functional as F
 
 from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
 from ..model.cache import reorder_rows
+from . import native
 from .quant import Int8Linear
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 # Products with more rows than this count as GEMMs (prefill) rather than matrix-vector products (decode).
 GEMM_MIN_ROWS = 16
+KERNELS = ("auto", "native", "torch")
 
 
 class DenseLinear:
-    """`x @ W.T` in the weight's dtype; bf16 GEMMs upcast the weight to fp32 first (see the module doc)."""
+    """`x @ W.T` with W stored once, row-major, in the fast path's dtype.
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    Decode (few rows): the native matrix-vector kernel when `use_native` (fp32 accumulation, fp32 or bf16
+    weights read as stored), else `F.linear`. Prefill (many rows): `native.gemm`; bf16 weights are upcast to fp32
+    first, because CPUs without native bf16 (AVX2) run bf16 GEMMs several times slower than fp32.
+    """
+
+    def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
         self.weight = weight.detach().contiguous()
         self.upcast_gemm = self.weight.dtype in (torch.bfloat16, torch.float16)
+        self.use_native = use_native and self.weight.dtype in (torch.float32, torch.bfloat16)
 
     @property
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upcast_gemm and x.numel() // x.shape[-1] > GEMM_MIN_ROWS:
-            return F.linear(x.float(), self.weight.float()).to(x.dtype)
-        return F.linear(x, self.weight)
+        rows = x.numel() // x.shape[-1]
+        if rows <= GEMM_MIN_ROWS:
+            if self.use_native:
+                y = native.gemv(x.reshape(rows, x.shape[-1]), self.weight)
+                y = y if x.dtype == torch.float32 else y.to(x.dtype)
+                return y.view(*x.shape[:-1], self.weight.shape[0])
+            return F.linear(x, self.weight)
+        if self.upcast_gemm:
+            return native.gemm(x.float(), self.weight.float()).to(x.dtype)
+        return native.gemm(x, self.weight)
 
 
-def _make_linear(weight: torch.Tensor, dtype: torch.dtype, int8: bool) -> DenseLinear | Int8Linear:
-    return Int8Linear(weight) if int8 else DenseLinear(weight.to(dtype))
+def _make_linear(weight: torch.Tensor, dtype: torch.dtype, int8: bool, use_native: bool
+                 ) -> DenseLinear | Int8Linear:
+    return Int8Linear(weight, use_native) if int8 else DenseLinear(weight.to(dtype), use_native)
+
+
+def resolve_kernels(kernels: str) -> bool:
+    """`auto` | `native` | `torch` -> whether decode uses the native kernels (`native` fails loudly)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"FastLFM2 kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "native":
+        native.require()
+        return True
+    return kernels == "auto" and native.available()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm, op for op (fp32 statistics, cast back before the weight)."""
+    """The model's RMSNorm (fp32 statistics, cast back before the weight)."""
     dtype = x.dtype
+    if dtype == torch.float32:  # fewer op calls (decode pays a few us per call); equal up to rounding
+        return weight * (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True).mul_(1 / x.shape[-1]).add_(eps)))
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
@@ -101,8 +129,13 @@ class FastState:
 class _Layer:
     """One decoder layer's weights, re-laid out for inference."""
 
-    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, int8: bool) -> None:
+    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, int8: bool,
+                 use_native: bool) -> None:
         cfg = model.config
+
+        def linear(weight: torch.Tensor) -> DenseLinear | Int8Linear:
+            return _make_linear(weight.detach(), dtype, int8, use_native)
+
         layer = model.model.layers[idx]
         self.is_attention = cfg.layer_types[idx] == ATTENTION
         self.operator_norm = layer.operator_norm.weight.detach().to(act)
@@ -112,16 +145,16 @@ class _Layer:
             self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
             self.scale = a.scale
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0).detach()
-            self.qkv = _make_linear(qkv, dtype, int8)
-            self.out_proj = _make_linear(a.out_proj.weight.detach(), dtype, int8)
+            self.qkv = linear(qkv)
+            self.out_proj = linear(a.out_proj.weight)
             self.q_norm = a.q_layernorm.weight.detach().to(act)
             self.k_norm = a.k_layernorm.weight.detach().to(act)
         else:
             c = layer.conv
             if c.in_proj.bias is not None or c.out_proj.bias is not None or c.conv.bias is not None:
                 raise NotImplementedError("FastLFM2 does not support conv_bias=true checkpoints (none are released)")
-            self.in_proj = _make_linear(c.in_proj.weight.detach(), dtype, int8)
-            self.out_proj = _make_linear(c.out_proj.weight.detach(), dtype, int8)
+            self.in_proj = linear(c.in_proj.weight)
+            self.out_proj = linear(c.out_proj.weight)
             self.conv_w = c.conv.weight.detach()[:, 0, :].t().float().contiguous()  # (k, d), oldest tap first
         self.moe = cfg.is_moe_layer(idx)
         ff = layer.feed_forward
@@ -135,8 +168,8 @@ class _Layer:
             self.e_w2 = ff.experts.w2.detach().to(act)
         else:
             self.ff_dim = ff.w1.weight.shape[0]
-            self.w13 = _make_linear(torch.cat([ff.w1.weight, ff.w3.weight], dim=0).detach(), dtype, int8)
-            self.w2 = _make_linear(ff.w2.weight.detach(), dtype, int8)
+            self.w13 = linear(torch.cat([ff.w1.weight, ff.w3.weight], dim=0))
+            self.w2 = linear(ff.w2.weight)
 
     def linears(self) -> list[DenseLinear | Int8Linear]:
         names = ("qkv", "in_proj", "out_proj", "w13", "w2")
@@ -150,7 +183,8 @@ class _Layer:
 class FastLFM2:
     """Inference-only LFM2 on plain tensors; see the module docstring for what makes it fast."""
 
-    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, int8: bool, prefill_chunk: int) -> None:
+    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, int8: bool, prefill_chunk: int,
+                 kernels: str = "auto") -> None:
         cfg: LFM2Config = model.config
         if prefill_chunk < 1:
             raise ValueError(f"FastLFM2 prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -160,17 +194,19 @@ class FastLFM2:
         # int8 keeps activations / state in `dtype` (fp32 by default); only matrix operands are int8.
         self.act_dtype = dtype
         self.prefill_chunk = prefill_chunk
+        self.use_native = resolve_kernels(kernels)  # before any weight is copied: `native` may refuse
         self.eps = cfg.norm_eps
         self.kernel = cfg.conv_L_cache
         self.device = model.model.embed_tokens.weight.device
         if self.device.type != "cpu":
             raise ValueError(f"FastLFM2 is a CPU path; the model is on {self.device}")
         with torch.no_grad():
-            self.layers = [_Layer(model, i, dtype, self.act_dtype, int8) for i in range(cfg.num_hidden_layers)]
+            self.layers = [_Layer(model, i, dtype, self.act_dtype, int8, self.use_native)
+                           for i in range(cfg.num_hidden_layers)]
             self.final_norm = model.model.embedding_norm.weight.detach().to(self.act_dtype)
             embed = model.model.embed_tokens.weight.detach()
             head = model.lm_head.weight.detach()
-            self.head = _make_linear(head, dtype, int8)
+            self.head = _make_linear(head, dtype, int8, self.use_native)
             tied = head.data_ptr() == embed.data_ptr()
             # Tied int8: look embeddings up in the quantized head (one table); float: share the same tensor.
             if tied and isinstance(self.head, Int8Linear):
@@ -185,17 +221,19 @@ class FastLFM2:
 
     @classmethod
     def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, int8: bool = False,
-                   prefill_chunk: int = 512) -> FastLFM2:
+                   prefill_chunk: int = 512, kernels: str = "auto") -> FastLFM2:
         """Copy `model`'s weights into the inference layout.
 
         `dtype`: float dtype of weights and activations (default: the model's). `int8`: weight-only int8 for
         every dense projection and the LM head (per-row scales); activations then stay in `dtype`.
+        `kernels`: matrix-vector products of decode through the native kernels (`native`: required; `auto`:
+        when they build on this machine) or through `F.linear` (`torch`); see `inference.native`.
         """
         if dtype is None:
             dtype = model.model.embed_tokens.weight.dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"FastLFM2 dtype must be a float dtype, got {dtype}")
-        return cls(model, dtype, int8, prefill_chunk)
+        return cls(model, dtype, int8, prefill_chunk, kernels)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -337,7 +375,11 @@ class FastLFM2:
         kc[:, :, P:P + T] = k.transpose(1, 2)
         vc[:, :, P:P + T] = v.view(B, T, G, D).transpose(1, 2)
         keys, values = kc[:, :, : P + T], vc[:, :, : P + T]  # (B, G, S, D)
-        if T == 1:
+        if T == 1 and self.use_native and kc.is_contiguous() and vc.is_contiguous():
+            allowed = mask.view(B, P + 1) if mask is not None else None
+            out = native.decode_attention(q.view(B, H, D), kc, vc, P + 1, layer.scale, allowed)
+            out = out.to(self.act_dtype).view(B, 1, H * D)
+        elif T == 1:
             # GQA decode as two batched products over KV heads: q rows of one group share a K/V head.
             qg = q.view(B, G, H // G, D)  # head h uses kv head h // (H/G), as repeat_interleave does
             scores = torch.matmul(qg, keys.transpose(-1, -2)) * layer.scale  # (B, G, H/G, S)

@@ -9,10 +9,12 @@ rounding of each weight to 1/127 of its row's largest magnitude.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-# `_weight_int8pack_mm` is fast only for bf16 activations on CPU (fp32 inputs take a scalar path that
-# streams ~1 GB/s here); rows above this count go through a dequantized fp32 GEMM instead (prefill).
+from . import native
+
+# Rows above this count go through a dequantized fp32 GEMM instead (prefill). Below it, the native kernel
+# (fp32 activations) or `_weight_int8pack_mm`, which is fast only for bf16 activations on CPU (fp32 inputs
+# take a scalar path that streams ~1 GB/s here), so activations are rounded to bf16 for it.
 INT8_MATVEC_MAX_ROWS = 16
 
 
@@ -29,7 +31,8 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear:
     """`y = x @ (q * scale).T` without materialising the float weight on the decode path."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
+        self.use_native = use_native
         self.q, self.scale = quantize_rowwise(weight)
         self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.out_features, self.in_features = self.q.shape
@@ -45,8 +48,10 @@ class Int8Linear:
         """x (..., K) -> (..., N) in x's dtype."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if flat.shape[0] <= INT8_MATVEC_MAX_ROWS:
+        if flat.shape[0] <= INT8_MATVEC_MAX_ROWS and self.use_native:
+            y = native.gemv(flat, self.q, self.scale)
+        elif flat.shape[0] <= INT8_MATVEC_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale_bf16)
         else:  # prefill: one dequantize per matrix is cheap next to an (M, K) x (K, N) GEMM
-            y = F.linear(flat.float(), self.dequantize())
+            y = native.gemm(flat.float(), self.dequantize())
         return y.to(x.dtype).view(*shape[:-1], self.out_features)

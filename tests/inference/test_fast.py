@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lfm2_train.inference import SamplingConfig, generate, left_pad
+from lfm2_train.inference import SamplingConfig, generate, left_pad, native
 from lfm2_train.inference.fast import FastLFM2
 from lfm2_train.inference.quant import Int8Linear, quantize_rowwise
 from lfm2_train.model import LFM2ForCausalLM, get_preset
@@ -19,6 +19,13 @@ PROMPTS = [
 # bf16: the reference model run in bf16 shows the same error (0.004 dense, 0.022 MoE), since both round
 # activations to bf16 at the same points; int8 adds the per-row weight rounding (1/254 of a row's max).
 TOL = {("tiny", "bf16"): 0.01, ("tiny", "int8"): 0.02, ("tiny-moe", "bf16"): 0.05, ("tiny-moe", "int8"): 0.05}
+
+
+# Decode's matrix-vector products through the native kernels and through `F.linear`: both must agree.
+KERNELS = [
+    "torch",
+    pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason=str(native.unavailable_reason()))),
+]
 
 
 def build(name: str, init: float = 0.2, seed: int = 0) -> LFM2ForCausalLM:
@@ -35,10 +42,12 @@ def build(name: str, init: float = 0.2, seed: int = 0) -> LFM2ForCausalLM:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("chunk", [512, 3])
-def test_greedy_tokens_equal_reference_with_padding(name: str, chunk: int) -> None:
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_greedy_tokens_equal_reference_with_padding(name: str, chunk: int, kernels: str) -> None:
     model = build(name)
     ref = generate(model, PROMPTS, max_new_tokens=16)
-    fast = FastLFM2.from_model(model, prefill_chunk=chunk)
+    fast = FastLFM2.from_model(model, prefill_chunk=chunk, kernels=kernels)
+    assert fast.use_native == (kernels == "native")
     got = generate(fast, PROMPTS, max_new_tokens=16)
     assert got.tokens == ref.tokens
     assert got.finish_reasons == ref.finish_reasons
@@ -67,13 +76,14 @@ def test_all_position_logits_match_reference(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
-def test_low_precision_logits_within_tolerance(name: str, mode: str) -> None:
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_low_precision_logits_within_tolerance(name: str, mode: str, kernels: str) -> None:
     model = build(name, init=0.02)
     ids, mask = left_pad(PROMPTS, pad_id=0)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask)
-    fast = FastLFM2.from_model(model, dtype=torch.bfloat16) if mode == "bf16" else \
-        FastLFM2.from_model(model, int8=True)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # int8: fp32 activations
+    fast = FastLFM2.from_model(model, dtype=dtype, int8=mode == "int8", kernels=kernels)
     got = fast.logits(ids, mask)
     real = mask.bool()
     rel = ((got - ref)[real].abs().max() / ref[real].abs().max()).item()
@@ -161,12 +171,15 @@ def test_quantize_rowwise_error_is_half_a_step() -> None:
         quantize_rowwise(torch.randn(2, 3, 4))
 
 
-def test_int8_linear_kernels_agree() -> None:
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_int8_linear_kernels_agree(kernels: str) -> None:
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
-    lin = Int8Linear(w)
+    lin = Int8Linear(w, use_native=kernels == "native")
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     exact = x @ lin.dequantize().t()
-    decode = lin(x)  # aten._weight_int8pack_mm on bf16 activations
+    decode = lin(x)  # native: fp32 activations; torch: aten._weight_int8pack_mm on bf16 activations
     gemm = lin(x.expand(32, 64))[:1]  # dequantized fp32 GEMM
     torch.testing.assert_close(gemm, exact, atol=1e-5, rtol=1e-5)
+    if kernels == "native":
+        torch.testing.assert_close(decode, exact, atol=1e-5, rtol=1e-5)
     assert ((decode - exact).abs().max() / exact.abs().max()).item() < 0.02

@@ -1,0 +1,264 @@
+/* Kernels for CPU decode: matrix-vector products, y[m, n] = scale[n] * sum_k x[m, k] * W[n, k], and
+ * single-token attention over a preallocated KV cache (at the end of the file).
+ *
+ * Why our own kernel: batch-1 decode is bound by the bytes of weights streamed from memory, and the BLAS
+ * GEMV that torch reaches on CPU (MKL) streams about half of what the memory system delivers on some
+ * machines (9-10 of 17-18 GB/s on an AMD EPYC with 2 cores). Reading 8 weight rows side by side, with one
+ * FMA chain per row, keeps enough loads in flight to run at the read bandwidth.
+ *
+ * W is row-major (N, K): the same layout the prefill GEMM uses, so no second copy of the weights exists.
+ * Weights are fp32, bf16 (raw uint16) or int8 (with per-row fp32 `scale`); x and y are fp32 and
+ * contiguous; accumulation is fp32. For M > 1 rows of x each 8-row weight block is read from memory once
+ * and reused from cache for every row of x. Threads: OpenMP over weight blocks (torch's own OpenMP
+ * runtime once torch is loaded, so `torch.set_num_threads` applies here too).
+ *
+ * Build: cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC (see lfm2_train/inference/native.py).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 8 /* weight rows per block: 8 accumulators + x + a load fit AVX2's 16 registers */
+
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 consecutive weights starting at element `i`, widened to fp32. */
+static inline __attribute__((always_inline)) __m256 load8(const void *w, int64_t i, int wt) {
+    if (wt == W_F32) return _mm256_loadu_ps((const float *)w + i);
+    if (wt == W_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)w + i));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+static inline __attribute__((always_inline)) float load1(const void *w, int64_t i, int wt) {
+    if (wt == W_F32) return ((const float *)w)[i];
+    if (wt == W_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)w)[i] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    return (float)((const int8_t *)w)[i];
+}
+
+static inline __attribute__((always_inline)) int64_t elem_size(int wt) { return wt == W_F32 ? 4 : wt == W_BF16 ? 2 : 1; }
+
+/* out[r] = dot(x, W[row0 + r]) for the BLOCK rows starting at row0.
+ * The loop walks one 64-byte line of each of the 8 rows per iteration (software prefetch on top of this was
+ * measured and did not help on the benchmark machine). */
+static inline __attribute__((always_inline)) void dot_block(const float *x, const void *w, int64_t row0,
+                                                            int64_t K, int wt, float *out) {
+    const int64_t line = 64 / elem_size(wt); /* weights per cache line */
+    __m256 acc[BLOCK];
+    for (int r = 0; r < BLOCK; r++) acc[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + line <= K; k += line) {
+        for (int64_t j = k; j < k + line; j += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + j);
+#pragma GCC unroll 8
+            for (int r = 0; r < BLOCK; r++) acc[r] = _mm256_fmadd_ps(load8(w, (row0 + r) * K + j, wt), xv, acc[r]);
+        }
+    }
+    for (; k + 8 <= K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 8
+        for (int r = 0; r < BLOCK; r++) acc[r] = _mm256_fmadd_ps(load8(w, (row0 + r) * K + k, wt), xv, acc[r]);
+    }
+    for (int r = 0; r < BLOCK; r++) {
+        float s = hsum(acc[r]);
+        for (int64_t j = k; j < K; j++) s += load1(w, (row0 + r) * K + j, wt) * x[j];
+        out[r] = s;
+    }
+}
+
+static inline __attribute__((always_inline)) float dot_row(const float *x, const void *w, int64_t row, int64_t K,
+                                                           int wt) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(w, row * K + k, wt), _mm256_loadu_ps(x + k), acc);
+    float s = hsum(acc);
+    for (; k < K; k++) s += load1(w, row * K + k, wt) * x[k];
+    return s;
+}
+
+/* Weight block b (rows b*BLOCK ...) against every row of x: rows of x after the first reuse it from cache. */
+static inline __attribute__((always_inline)) void gemv_block(const float *x, const void *w, const float *scale,
+                                                             float *y, int64_t M, int64_t N, int64_t K, int64_t b,
+                                                             int wt) {
+    float out[BLOCK];
+    for (int64_t m = 0; m < M; m++) {
+        dot_block(x + m * K, w, b * BLOCK, K, wt, out);
+        for (int r = 0; r < BLOCK; r++) {
+            const int64_t n = b * BLOCK + r;
+            y[m * N + n] = scale ? out[r] * scale[n] : out[r];
+        }
+    }
+}
+
+/* The last N % BLOCK rows, one at a time. */
+static inline __attribute__((always_inline)) void gemv_tail(const float *x, const void *w, const float *scale,
+                                                            float *y, int64_t M, int64_t N, int64_t K, int wt) {
+    for (int64_t n = N / BLOCK * BLOCK; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const float s = dot_row(x + m * K, w, n, K, wt);
+            y[m * N + n] = scale ? s * scale[n] : s;
+        }
+}
+
+/* Each entry point has its own parallel loop: OpenMP outlines a loop body into one function, so a loop
+ * shared by the three weight types would test the type on every load instead of compiling it away. */
+void lfm2_gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < N / BLOCK; b++) gemv_block(x, w, NULL, y, M, N, K, b, W_F32);
+    gemv_tail(x, w, NULL, y, M, N, K, W_F32);
+}
+
+void lfm2_gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < N / BLOCK; b++) gemv_block(x, w, NULL, y, M, N, K, b, W_BF16);
+    gemv_tail(x, w, NULL, y, M, N, K, W_BF16);
+}
+
+void lfm2_gemv_i8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < N / BLOCK; b++) gemv_block(x, w, scale, y, M, N, K, b, W_I8);
+    gemv_tail(x, w, scale, y, M, N, K, W_I8);
+}
+
+/* exp of 8 floats (Cephes' polynomial, about 1 ulp); inputs below -87.3 (and -inf) give exactly 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3365478515625f), hi = _mm256_set1_ps(88.3762626647949f);
+    const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), keep);
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+/* Decode attention: one new query token per row, grouped-query heads over a preallocated cache.
+ *
+ * q (B, H, D) fp32; k, v: the cache, (B, G, L, D) fp32 or bf16, of which the first S positions are used;
+ * valid (B, S) bytes (0 = padding, never attended) or NULL; out (B, H, D) fp32. Query head h reads KV head
+ * h / (H / G), as `repeat_interleave` would. One pass over the cache per (row, KV head), 8 positions at a
+ * time, with an online softmax in fp32 (running max and sum, the output rescaled when the max grows): each
+ * block of K and V is read once for all query heads of the group, and the arithmetic overlaps the reads.
+ * Why: torch's batched products read a cold cache at a third of the memory bandwidth, one thread per
+ * (tiny) matrix, and a two-pass softmax cannot overlap its exponentials with memory traffic. */
+static inline __attribute__((always_inline)) void attend_group(const float *q, const void *k, const void *v,
+                                                               const uint8_t *valid, float *out, int64_t H,
+                                                               int64_t G, int64_t L, int64_t S, int64_t D,
+                                                               float scale, int64_t bg, int wt) {
+    const int64_t per = H / G; /* query heads per KV head */
+    const int64_t b = bg / G, g = bg % G;
+    const int64_t first = (b * G + g) * L; /* cache row of position 0 for this (row, KV head) */
+    const float *qh = q + (b * H + g * per) * D;
+    float *oh = out + (b * H + g * per) * D;
+    float *top = (float *)malloc((size_t)(2 * per) * sizeof(float)); /* running max, then running sum */
+    float *total = top + per;
+    for (int64_t h = 0; h < per; h++) {
+        top[h] = -INFINITY;
+        total[h] = 0.0f;
+        for (int64_t j = 0; j < D; j++) oh[h * D + j] = 0.0f;
+    }
+    for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+        const int64_t n = S - s0 < BLOCK ? S - s0 : BLOCK;
+        for (int64_t h = 0; h < per; h++) {
+            float p[BLOCK], block_top = -INFINITY, sum = 0.0f;
+            if (n == BLOCK) {
+                dot_block(qh + h * D, k, first + s0, D, wt, p);
+                __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(p), _mm256_set1_ps(scale));
+                if (valid) { /* padding -> -inf */
+                    const __m128i bytes = _mm_loadl_epi64((const __m128i *)(valid + b * S + s0));
+                    const __m256i pad = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_setzero_si256());
+                    sc = _mm256_blendv_ps(sc, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(pad));
+                }
+                block_top = hmax(sc);
+                if (block_top == -INFINITY) continue; /* every position of the block is padding */
+                const float new_top = block_top > top[h] ? block_top : top[h];
+                const __m256 e = exp8(_mm256_sub_ps(sc, _mm256_set1_ps(new_top)));
+                _mm256_storeu_ps(p, e);
+                sum = hsum(e);
+                block_top = new_top;
+            } else {
+                for (int64_t r = 0; r < n; r++) {
+                    p[r] = dot_row(qh + h * D, k, first + s0 + r, D, wt) * scale;
+                    if (valid && !valid[b * S + s0 + r]) p[r] = -INFINITY;
+                    block_top = p[r] > block_top ? p[r] : block_top;
+                }
+                if (block_top == -INFINITY) continue;
+                block_top = block_top > top[h] ? block_top : top[h];
+                for (int64_t r = 0; r < n; r++) {
+                    p[r] = p[r] == -INFINITY ? 0.0f : expf(p[r] - block_top);
+                    sum += p[r];
+                }
+            }
+            const float new_top = block_top; /* max over everything seen so far */
+            const float rescale = top[h] == -INFINITY ? 0.0f : expf(top[h] - new_top);
+            top[h] = new_top;
+            total[h] = total[h] * rescale + sum;
+            float *o = oh + h * D;
+            int64_t j = 0;
+            for (; j + 8 <= D; j += 8) {
+                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(o + j), _mm256_set1_ps(rescale));
+                for (int64_t r = 0; r < n; r++)
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(p[r]), load8(v, (first + s0 + r) * D + j, wt), acc);
+                _mm256_storeu_ps(o + j, acc);
+            }
+            for (; j < D; j++) {
+                float acc = o[j] * rescale;
+                for (int64_t r = 0; r < n; r++) acc += p[r] * load1(v, (first + s0 + r) * D + j, wt);
+                o[j] = acc;
+            }
+        }
+    }
+    for (int64_t h = 0; h < per; h++) {
+        const float inv = 1.0f / total[h]; /* > 0: the newest position is never padding */
+        for (int64_t j = 0; j < D; j++) oh[h * D + j] *= inv;
+    }
+    free(top);
+}
+
+void lfm2_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *valid, float *out,
+                               int64_t B, int64_t H, int64_t G, int64_t L, int64_t S, int64_t D, float scale) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_F32);
+}
+
+void lfm2_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid,
+                                float *out, int64_t B, int64_t H, int64_t G, int64_t L, int64_t S, int64_t D,
+                                float scale) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_BF16);
+}
+
+/* The OpenMP runtime's thread count as this library sees it (tests check it follows torch's). */
+int lfm2_max_threads(void) { return omp_get_max_threads(); }
