@@ -5,6 +5,8 @@ Batch 1, random weights saved once and loaded by both sides. Per dtype and conte
 to back (order alternating per repetition): prefill = one pass over a T-token prompt into a fresh cache/state
 (logits of the last position; tokens/s = T / time); decode = N greedy single-token steps after it.
 `--int8` adds the weight-only int8 mode of the fast path (fp32 activations; no transformers counterpart).
+`--kernels` picks the fast path's decode kernels (`auto`: the native AVX2 kernels of `inference/native.py` when
+they build here; `torch`: `F.linear` and batched products, to measure what the native kernels add).
 
 Bandwidth bound: copy bandwidth is measured here (`dst.copy_(src)` of 512 MiB, best of 5, read + write bytes
 counted, STREAM's convention); the decode limit of a mode = bandwidth / weight bytes read per token.
@@ -37,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_inference import machine_info, run_hf  # noqa: E402
 
+from lfm2_train.inference import native  # noqa: E402
 from lfm2_train.inference.fast import FastLFM2  # noqa: E402
 from lfm2_train.model import ATTENTION, LFM2Config, LFM2ForCausalLM, get_preset  # noqa: E402
 
@@ -101,13 +104,14 @@ def _vm_hwm_mib() -> float:
     return float("nan")
 
 
-def arch_worker(arch: str, dtype: str, context: int, new_tokens: int, threads: int) -> dict[str, object]:
+def arch_worker(arch: str, dtype: str, context: int, new_tokens: int, threads: int, kernels: str
+                ) -> dict[str, object]:
     """Runs in a subprocess: build `arch` (random init), fast path in `dtype`, prefill + greedy decode."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = LFM2ForCausalLM(ARCHS[arch]()).eval()
     params = model.num_parameters()
-    fast = FastLFM2.from_model(model, dtype=DTYPES[dtype])
+    fast = FastLFM2.from_model(model, dtype=DTYPES[dtype], kernels=kernels)
     del model
     gc.collect()
     try:  # reset the peak-RSS mark: what follows is inference only (weights resident + state + activations)
@@ -130,7 +134,7 @@ def run_arch(args: argparse.Namespace, archs: list[str]) -> list[dict[str, objec
         for arch in (archs if rep % 2 == 0 else archs[::-1]):
             cmd = [sys.executable, __file__, "--arch-worker", arch, "--arch-dtype", args.arch_dtype,
                    "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                   "--contexts", str(args.contexts[-1])]
+                   "--contexts", str(args.contexts[-1]), "--kernels", args.kernels]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
             res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -152,6 +156,9 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
     info["loadavg_start"] = os.getloadavg()
+    info["kernels"] = args.kernels
+    info["native_kernels"] = "available" if native.available() else f"unavailable: {native.unavailable_reason()}"
+    print(f"kernels={args.kernels}; native kernels {info['native_kernels']}", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw:.1f} GB/s (read + write)", flush=True)
     from transformers import AutoModelForCausalLM
@@ -167,7 +174,7 @@ def bench(args: argparse.Namespace) -> dict[str, object]:
         for dname, int8 in modes:
             mode = f"{dname}+int8" if int8 else dname
             ours = LFM2ForCausalLM.from_pretrained(tmpdir, dtype=DTYPES[dname]).eval()
-            fast = FastLFM2.from_model(ours, int8=int8)
+            fast = FastLFM2.from_model(ours, int8=int8, kernels=args.kernels)
             del ours
             impls = {"fast": lambda ids, n, f=fast: run_fast(f, ids, n)}
             if not int8:
@@ -221,7 +228,8 @@ def markdown(result: dict[str, object]) -> str:
     lines = [
         f"{m['cpu']} ({', '.join(m['isa'])}), {m['logical_cpus']} logical CPUs, {m['threads']} threads; torch "
         f"{m['torch']}, transformers {m['transformers']}; {m['date']}; load average at start "
-        f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}. Copy bandwidth {bw:.1f} GB/s.",
+        f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}. Copy bandwidth {bw:.1f} GB/s. "
+        f"Fast path kernels: {m['kernels']} (native {m['native_kernels']}).",
         "",
         "| mode | context | fast prefill tok/s | HF prefill tok/s | ratio (paired) | fast decode tok/s "
         "| HF decode tok/s | ratio (paired) | weights GB/token | bandwidth limit tok/s | fast / limit "
@@ -262,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch-dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--reps", type=int, default=1, help="repetitions (medians reported)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kernels", choices=["auto", "native", "torch"], default="auto",
+                   help="the fast path's decode kernels (FastLFM2.from_model(kernels=...))")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny preset, short prompts, no arch")
     p.add_argument("--arch-worker", default=None, help=argparse.SUPPRESS)
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, object] | None:
     args = parse_args(argv)
     if args.arch_worker:
         print(json.dumps(arch_worker(args.arch_worker, args.arch_dtype, args.contexts[-1], args.new_tokens,
-                                     args.threads)))
+                                     args.threads, args.kernels)))
         return None
     t0 = time.perf_counter()
     result = bench(args)
