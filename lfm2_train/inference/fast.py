@@ -52,6 +52,7 @@ class DenseLinear:
         self.weight = weight.detach().contiguous()
         self.upcast_gemm = self.weight.dtype in (torch.bfloat16, torch.float16)
         self.use_native = use_native and self.weight.dtype in (torch.float32, torch.bfloat16)
+        self.gemv = native.Gemv(self.weight) if self.use_native else None
 
     @property
     def nbytes(self) -> int:
@@ -60,8 +61,8 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows <= GEMM_MIN_ROWS:
-            if self.use_native:
-                y = native.gemv(x.reshape(rows, x.shape[-1]), self.weight)
+            if self.gemv is not None:
+                y = self.gemv(x.reshape(rows, x.shape[-1]))
                 y = y if x.dtype == torch.float32 else y.to(x.dtype)
                 return y.view(*x.shape[:-1], self.weight.shape[0])
             return F.linear(x, self.weight)

@@ -157,38 +157,51 @@ def max_threads() -> int:
 _WEIGHT_FN = {torch.float32: "lfm2_gemv_f32", torch.bfloat16: "lfm2_gemv_bf16", torch.int8: "lfm2_gemv_i8"}
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T` (times `scale` per output for int8) for a few rows of x: (M, K) -> (M, N) fp32.
+class Gemv:
+    """A weight checked once for the native matrix-vector kernel; each call then only runs the product.
 
-    `weight` (N, K) contiguous fp32, bf16 or int8 (int8 requires an fp32 `scale` of shape (N,)). x is
-    converted to contiguous fp32 (it is small); the result is fp32 with fp32 accumulation.
+    `weight` (N, K) contiguous fp32, bf16 or int8 (int8 requires an fp32 `scale` of shape (N,)). Calling it
+    with x (M, K) returns `x @ weight.T` (times `scale` per output for int8) as (M, N) fp32, accumulated in
+    fp32; x is converted to contiguous fp32 first (it is small). Decode calls this ~60 times per token, so
+    the per-call work is kept to a shape check.
     """
-    lib = _library()
-    if lib is None:
-        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
-    if weight.dtype not in _WEIGHT_FN:
-        raise TypeError(f"gemv weight dtype must be one of {sorted(map(str, _WEIGHT_FN))}, got {weight.dtype}")
-    if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
-        raise ValueError(f"gemv weight must be a contiguous 2-D CPU tensor, got {tuple(weight.shape)}")
-    N, K = weight.shape
-    if x.dim() != 2 or x.shape[1] != K:
-        raise ValueError(f"gemv x must be (M, {K}), got {tuple(x.shape)}")
-    if (weight.dtype == torch.int8) != (scale is not None):
-        raise ValueError("gemv takes a per-row scale for int8 weights and only for them")
-    if x.dtype != torch.float32:
-        x = x.float()
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    M = x.shape[0]
-    if M == 0 or N == 0:
-        return y.zero_()
-    if scale is not None:
-        if scale.shape != (N,) or scale.dtype != torch.float32 or not scale.is_contiguous():
-            raise ValueError(f"gemv scale must be contiguous fp32 of shape ({N},), got {tuple(scale.shape)}")
-        lib.lfm2_gemv_i8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), M, N, K)
-    else:
-        getattr(lib, _WEIGHT_FN[weight.dtype])(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K)
-    return y
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        lib = _library()
+        if lib is None:
+            raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+        if weight.dtype not in _WEIGHT_FN:
+            raise TypeError(f"gemv weight dtype must be one of {sorted(map(str, _WEIGHT_FN))}, got {weight.dtype}")
+        if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
+            raise ValueError(f"gemv weight must be a contiguous 2-D CPU tensor, got {tuple(weight.shape)}")
+        if (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError("gemv takes a per-row scale for int8 weights and only for them")
+        self.N, self.K = weight.shape
+        if scale is not None and (scale.shape != (self.N,) or scale.dtype != torch.float32
+                                  or not scale.is_contiguous()):
+            raise ValueError(f"gemv scale must be contiguous fp32 of shape ({self.N},), got {tuple(scale.shape)}")
+        self.weight, self.scale = weight, scale  # held: the kernel reads their memory
+        self._fn = getattr(lib, _WEIGHT_FN[weight.dtype])
+        self._operands = (weight.data_ptr(),) if scale is None else (weight.data_ptr(), scale.data_ptr())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.K:
+            raise ValueError(f"gemv x must be (M, {self.K}), got {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            x = x.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        M = x.shape[0]
+        y = torch.empty(M, self.N, dtype=torch.float32)
+        if M == 0 or self.N == 0:
+            return y.zero_()
+        self._fn(x.data_ptr(), *self._operands, y.data_ptr(), M, self.N, self.K)
+        return y
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One-off `Gemv(weight, scale)(x)`: (M, K) -> (M, N) fp32."""
+    return Gemv(weight, scale)(x)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float,

@@ -32,10 +32,10 @@ class Int8Linear:
     """`y = x @ (q * scale).T` without materialising the float weight on the decode path."""
 
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
-        self.use_native = use_native
         self.q, self.scale = quantize_rowwise(weight)
         self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.out_features, self.in_features = self.q.shape
+        self.gemv = native.Gemv(self.q, self.scale) if use_native else None
 
     @property
     def nbytes(self) -> int:
@@ -48,8 +48,8 @@ class Int8Linear:
         """x (..., K) -> (..., N) in x's dtype."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if flat.shape[0] <= INT8_MATVEC_MAX_ROWS and self.use_native:
-            y = native.gemv(flat, self.q, self.scale)
+        if flat.shape[0] <= INT8_MATVEC_MAX_ROWS and self.gemv is not None:
+            y = self.gemv(flat)
         elif flat.shape[0] <= INT8_MATVEC_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale_bf16)
         else:  # prefill: one dequantize per matrix is cheap next to an (M, K) x (K, N) GEMM
