@@ -196,6 +196,10 @@ class FastLFM2:
         self.act_dtype = dtype
         self.prefill_chunk = prefill_chunk
         self.use_native = resolve_kernels(kernels)  # before any weight is copied: `native` may refuse
+        # fp32 RMSNorm and conv step in one native call each: decode's many small ops are slow once
+        # streaming the weights has flushed the caches
+        self.native_f32 = self.use_native and dtype == torch.float32
+        self._norm = native.rms_norm if self.native_f32 else _rms_norm
         self.eps = cfg.norm_eps
         self.kernel = cfg.conv_L_cache
         self.device = model.model.embed_tokens.weight.device
@@ -344,16 +348,16 @@ class FastLFM2:
 
         h = self._embed(ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer.operator_norm, self.eps)
+            x = self._norm(h, layer.operator_norm, self.eps)
             if layer.is_attention:
                 h = h + self._attention(layer, x, state.keys[i], state.values[i], P, cos, sin, mask)
             else:
                 h = h + self._conv(layer, x, state.conv[i], valid_f)
-            x = _rms_norm(h, layer.ffn_norm, self.eps)
+            x = self._norm(h, layer.ffn_norm, self.eps)
             h = h + (self._moe(layer, x) if layer.moe else self._ffn(layer, x))
         state.length = P + T
         state.next_position += valid.sum(1) if valid is not None else T
-        return _rms_norm(h, self.final_norm, self.eps)
+        return self._norm(h, self.final_norm, self.eps)
 
     def _attention_mask(self, state: FastState, T: int) -> torch.Tensor | None:
         """(B, 1, T, P+T) bool, True = may attend; None when plain causal (SDPA's is_causal) is exact."""
@@ -371,8 +375,8 @@ class FastLFM2:
         B, T, _ = x.shape
         H, G, D = layer.n_heads, layer.n_kv, layer.head_dim
         q, k, v = layer.qkv(x).split([H * D, G * D, G * D], dim=-1)
-        q = _rotate(_rms_norm(q.view(B, T, H, D), layer.q_norm, self.eps), cos, sin)  # (B, T, H, D)
-        k = _rotate(_rms_norm(k.view(B, T, G, D), layer.k_norm, self.eps), cos, sin)  # (B, T, G, D)
+        q = _rotate(self._norm(q.view(B, T, H, D), layer.q_norm, self.eps), cos, sin)  # (B, T, H, D)
+        k = _rotate(self._norm(k.view(B, T, G, D), layer.k_norm, self.eps), cos, sin)  # (B, T, G, D)
         kc[:, :, P:P + T] = k.transpose(1, 2)
         vc[:, :, P:P + T] = v.view(B, T, G, D).transpose(1, 2)
         keys, values = kc[:, :, : P + T], vc[:, :, : P + T]  # (B, G, S, D)
@@ -401,6 +405,9 @@ class FastLFM2:
               ) -> torch.Tensor:
         T = x.shape[1]
         k = self.kernel
+        if T == 1 and valid is None and self.native_f32 and state.is_contiguous():  # fp32 decode: one call
+            bcx = layer.in_proj(x)  # (B, 1, 3d)
+            return layer.out_proj(native.conv_step(bcx.view(bcx.shape[0], -1), state, layer.conv_w)[:, None])
         b, c, xx = layer.in_proj(x).chunk(3, dim=-1)  # each (B, T, d)
         y = b * xx
         if valid is not None:

@@ -51,6 +51,8 @@ _SIGNATURES = {
     "lfm2_gemv_i8": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_decode_attention_f32": [_PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 6, ctypes.c_float],
     "lfm2_decode_attention_bf16": [_PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 6, ctypes.c_float],
+    "lfm2_rms_norm_f32": [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float],
+    "lfm2_conv_step_f32": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_max_threads": [],
 }
 
@@ -202,6 +204,52 @@ class Gemv:
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """One-off `Gemv(weight, scale)(x)`: (M, K) -> (M, N) fp32."""
     return Gemv(weight, scale)(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of fp32 `x` with fp32 `weight` (d,): `w * (x * rsqrt(mean(x²) + eps))`.
+
+    The same function as the model's RMSNorm in fp32, up to the summation order of mean(x²).
+    """
+    lib = _library()
+    if lib is None:
+        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+    d = x.shape[-1]
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (d,):
+        raise ValueError(f"rms_norm takes fp32 x (..., {d}) and an fp32 weight ({d},); got {x.dtype} "
+                         f"{tuple(x.shape)} and {weight.dtype} {tuple(weight.shape)}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    y = torch.empty_like(x)
+    if x.numel():
+        lib.lfm2_rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
+    return y
+
+
+def conv_step(bcx: torch.Tensor, state: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """One decode step of the gated short convolution in fp32; updates `state` in place.
+
+    bcx (B, 3d): in_proj output [B | C | x] of one new token per row; state (B, k-1, d) contiguous, oldest
+    first; taps (k, d) contiguous, oldest first. Returns C * conv([state, B*x]) as (B, d).
+    """
+    lib = _library()
+    if lib is None:
+        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+    B, three_d = bcx.shape
+    k, d = taps.shape
+    if three_d != 3 * d or state.shape != (B, k - 1, d):
+        raise ValueError(f"conv_step shapes: bcx (B, 3d) = {tuple(bcx.shape)}, state (B, k-1, d) = "
+                         f"{tuple(state.shape)}, taps (k, d) = {tuple(taps.shape)}")
+    if not all(t.dtype == torch.float32 for t in (bcx, state, taps)):
+        raise ValueError("conv_step is fp32 only")
+    if not (state.is_contiguous() and taps.is_contiguous()):
+        raise ValueError("conv_step needs a contiguous state and taps (the state is updated in place)")
+    bcx = bcx.contiguous()
+    out = torch.empty(B, d, dtype=torch.float32)
+    lib.lfm2_conv_step_f32(bcx.data_ptr(), state.data_ptr(), taps.data_ptr(), out.data_ptr(), B, d, k)
+    return out
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float,

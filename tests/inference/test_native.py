@@ -213,3 +213,40 @@ def test_decode_attention_rejects_bad_arguments() -> None:
         native.decode_attention(q, cache, cache, 4, 1.0, torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="fp32 or bf16"):
         native.decode_attention(q, cache.half(), cache.half(), 4, 1.0)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 5, 16, 64), (2, 7), (600, 1030)])
+def test_rms_norm_matches_the_model(shape: tuple[int, ...]) -> None:
+    from lfm2_train.model.layers import RMSNorm
+
+    x = torch.randn(*shape)
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        want = norm(x)
+    got = native.rms_norm(x, norm.weight.detach(), 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]  # non-contiguous input
+    torch.testing.assert_close(native.rms_norm(strided, norm.weight.detach(), 1e-5),
+                               norm(strided).detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fp32"):
+        native.rms_norm(x.bfloat16(), norm.weight.detach(), 1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_conv_step_matches_a_window_sum(k: int) -> None:
+    B, d = 3, 20
+    g = torch.Generator().manual_seed(k)
+    bcx = torch.randn(B, 3 * d, generator=g)
+    state = torch.randn(B, k - 1, d, generator=g)
+    taps = torch.randn(k, d, generator=g)
+    b, c, x = bcx.chunk(3, dim=-1)
+    window = torch.cat([state, (b * x)[:, None]], dim=1)  # (B, k, d), oldest first
+    want = c * (window * taps).sum(1)
+    got = native.conv_step(bcx, state, taps)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state, window[:, 1:], rtol=0, atol=0)  # shifted in place
+    with pytest.raises(ValueError, match="shapes"):
+        native.conv_step(bcx[:, :-1], state, taps)
