@@ -6,10 +6,12 @@ decode on a CPU is instead bound by the bytes of weights streamed per token and 
   optionally weight-only int8 (`quant.Int8Linear`);
 - all state is preallocated (KV for attention layers, a (k-1)-token window for conv layers, RoPE tables), and a
   decode step is a straight sequence of tensor ops — no layout objects, no mask building without padding;
-- GQA decode attention is two batched products over the KV heads (no repeated K/V copies);
-- in bf16 the *large* products (prefill) upcast each weight to fp32 and use the fp32 GEMM, because CPUs without
-  native bf16 (AVX2) run bf16 GEMMs several times slower than fp32; the matrix-vector products of decode stay
-  in bf16 (half the bytes);
+- decode's matrix-vector products, GQA attention (no repeated K/V copies), and in fp32 its RMSNorms and conv
+  steps run in native kernels (`native.py`, `csrc/decode.c`) when they build here (`kernels=`), else in torch
+  ops (batched products over the KV heads for attention);
+- prefill's GEMMs go through oneDNN (`native.gemm`); in bf16 they upcast each weight to fp32 first, because
+  CPUs without native bf16 (AVX2) run bf16 GEMMs several times slower than fp32, while the matrix-vector
+  products of decode read bf16 (half the bytes);
 - prefill runs in chunks (`prefill_chunk` tokens), so activations stay cache-sized.
 
 Public API (used by generation, eval and search):
@@ -43,7 +45,7 @@ KERNELS = ("auto", "native", "torch")
 class DenseLinear:
     """`x @ W.T` with W stored once, row-major, in the fast path's dtype.
 
-    Decode (few rows): the native matrix-vector kernel when `use_native` (fp32 accumulation, fp32 or bf16
+    Decode (few rows): the native matrix-vector kernel with `use_native` (fp32 accumulation, fp32 or bf16
     weights read as stored), else `F.linear`. Prefill (many rows): `native.gemm`; bf16 weights are upcast to fp32
     first, because CPUs without native bf16 (AVX2) run bf16 GEMMs several times slower than fp32.
     """
@@ -51,8 +53,8 @@ class DenseLinear:
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
         self.weight = weight.detach().contiguous()
         self.upcast_gemm = self.weight.dtype in (torch.bfloat16, torch.float16)
-        self.use_native = use_native and self.weight.dtype in (torch.float32, torch.bfloat16)
-        self.gemv = native.Gemv(self.weight) if self.use_native else None
+        native_dtype = self.weight.dtype in (torch.float32, torch.bfloat16)
+        self.gemv = native.Gemv(self.weight) if use_native and native_dtype else None
 
     @property
     def nbytes(self) -> int:
