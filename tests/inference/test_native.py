@@ -23,6 +23,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 def rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
     """Forget the loaded library so a test can change the environment; restore it afterwards."""
     monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "kernels"))
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)  # each test sets the switch it needs
     native._library.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
