@@ -145,15 +145,17 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
-def require() -> None:
-    if not available():
-        raise NativeKernelError(f"native CPU kernels were requested but are unavailable: {_reason}")
+def require() -> ctypes.CDLL:
+    """The loaded library, or `NativeKernelError` saying why there is none."""
+    lib = _library()
+    if lib is None:
+        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+    return lib
 
 
 def max_threads() -> int:
     """OpenMP threads the kernels will use (follows `torch.set_num_threads`)."""
-    require()
-    return int(_library().lfm2_max_threads())  # type: ignore[union-attr]
+    return int(require().lfm2_max_threads())
 
 
 _WEIGHT_FN = {torch.float32: "lfm2_gemv_f32", torch.bfloat16: "lfm2_gemv_bf16", torch.int8: "lfm2_gemv_i8"}
@@ -169,9 +171,7 @@ class Gemv:
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        lib = _library()
-        if lib is None:
-            raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+        lib = require()
         if weight.dtype not in _WEIGHT_FN:
             raise TypeError(f"gemv weight dtype must be one of {sorted(map(str, _WEIGHT_FN))}, got {weight.dtype}")
         if weight.dim() != 2 or not weight.is_contiguous() or weight.device.type != "cpu":
@@ -211,9 +211,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     The same function as the model's RMSNorm in fp32, up to the summation order of mean(x²).
     """
-    lib = _library()
-    if lib is None:
-        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+    lib = require()
     d = x.shape[-1]
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.shape != (d,):
         raise ValueError(f"rms_norm takes fp32 x (..., {d}) and an fp32 weight ({d},); got {x.dtype} "
@@ -234,9 +232,7 @@ def conv_step(bcx: torch.Tensor, state: torch.Tensor, taps: torch.Tensor) -> tor
     bcx (B, 3d): in_proj output [B | C | x] of one new token per row; state (B, k-1, d) contiguous, oldest
     first; taps (k, d) contiguous, oldest first. Returns C * conv([state, B*x]) as (B, d).
     """
-    lib = _library()
-    if lib is None:
-        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+    lib = require()
     B, three_d = bcx.shape
     k, d = taps.shape
     if three_d != 3 * d or state.shape != (B, k - 1, d):
@@ -260,9 +256,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     valid (B, length) bool (False = padding) or None. Query head h uses KV head h // (H // G).
     Returns (B, H, D) fp32 (softmax and sums in fp32).
     """
-    lib = _library()
-    if lib is None:
-        raise NativeKernelError(f"native CPU kernels are unavailable: {_reason}")
+    lib = require()
     B, H, D = q.shape
     if keys.shape != values.shape or keys.dim() != 4 or keys.shape[0] != B or keys.shape[3] != D:
         raise ValueError(f"decode_attention cache must be (B={B}, G, L, D={D}) for keys and values, got "
