@@ -16,14 +16,35 @@ from omegaconf import MISSING
 
 # ------------------------------------------------------------------------------------------------ model
 @dataclass
+class LoRASchema:
+    """LoRA / QLoRA for sft and preference (docs/LORA.md): frozen base, adapters saved in PEFT's format.
+    Field names follow `peft.LoraConfig`."""
+
+    r: int = 0  # adapter rank; 0 = off (full fine-tuning)
+    lora_alpha: float = 16.0  # scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)
+    lora_dropout: float = 0.0  # on the adapter's input, training only
+    # module names (a module matches a name it equals or ends with after a dot), or one regex string, or
+    # "all-linear"; add embed_tokens to adapt the token embedding too
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj",
+                                                         "w1", "w2", "w3"])
+    use_rslora: bool = False
+    init_lora_weights: Any = True  # true (A kaiming-uniform, B zero) | gaussian | false (random B: tests only)
+    adapter: str | None = None  # keep training this PEFT adapter directory (its adapter_config sets r, alpha, targets)
+    quantize: str = "none"  # QLoRA base: none | nf4 | fp4 | int8 (CUDA + bitsandbytes: pip install lfm2_train[qlora])
+    compute_dtype: str = "bfloat16"  # QLoRA 4-bit matmul dtype: bfloat16 | float16 | float32
+
+
+@dataclass
 class ModelConfig:
-    """Where the weights come from: `init_from` (an HF LFM2 directory) wins over `preset` (random init)."""
+    """Where the weights come from: `init_from` (an HF LFM2 directory, or a PEFT adapter directory folded into
+    its base) wins over `preset` (random init)."""
 
     preset: str = "tiny"
     init_from: str | None = None
     # LFM2Config fields to change on top of the preset (e.g. {hidden_size: 256}); validated by LFM2Config.
     overrides: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"  # sdpa | flash_attn | eager
+    lora: LoRASchema = field(default_factory=LoRASchema)
 
 
 # ------------------------------------------------------------------------------------------------ data

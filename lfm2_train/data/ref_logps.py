@@ -42,8 +42,16 @@ class StaleCacheError(DataFormatError):
 
 
 def reference_weights_sha256(path: str | Path) -> str:
-    """sha256 over config.json and every weight file of an HF directory (robust to moving it)."""
+    """sha256 over config.json and every weight file of an HF directory (robust to moving it). A PEFT adapter
+    directory (a model = base + adapter) hashes its adapter files together with its base's hash."""
+    from ..model.peft_io import ADAPTER_CONFIG, adapter_base, is_adapter_dir
+
     path = Path(path)
+    if is_adapter_dir(path):
+        h = hashlib.sha256(f"base\0{reference_weights_sha256(adapter_base(path))}\n".encode())
+        for file in sorted([path / ADAPTER_CONFIG, *path.glob("adapter_model.*")]):
+            h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+        return h.hexdigest()
     files = sorted({p for pattern in ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin")
                     for p in path.glob(pattern)})
     if not any(f.name != "config.json" for f in files):
@@ -132,22 +140,31 @@ def compute_reference_logps(model: torch.nn.Module, pairs: Sequence[EncodedPair]
 
 
 def load_reference_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """pi_ref in fp32. (A module-level function so tests can count constructions.)"""
-    from ..model import LFM2ForCausalLM
+    """pi_ref in fp32 (an adapter directory is folded into its base). (A module-level function so tests can
+    count constructions.)"""
+    from ..model.peft_io import load_model
 
-    return LFM2ForCausalLM.from_pretrained(path, dtype=torch.float32, device=device)
+    return load_model(path, dtype=torch.float32, device=device)
 
 
 def reference_logps(pairs: Sequence[EncodedPair], *, data_hash: str, tokenizer_fingerprint: str, reference: str | Path,
                     pad_id: int, directory: str | Path | None = None, overwrite: bool = False, batch_pairs: int = 16,
                     device: torch.device | str = "cpu", is_main: bool = True,
-                    barrier: Callable[[], None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                    barrier: Callable[[], None] | None = None,
+                    model: torch.nn.Module | None = None,
+                    reference_variant: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The cached reference log-probs for `pairs`, computing (and storing) them only when needed.
 
     -> ((pairs, 2) float32, info {directory, status: hit | computed | recomputed, key}). Under data
-    parallelism rank 0 computes while the others wait at `barrier`, then read the file.
+    parallelism rank 0 computes while the others wait at `barrier`, then read the file. `model`, when given,
+    computes in place of loading `reference` — it must compute the same function as `reference`'s weights
+    (LoRA: the policy with its adapters disabled), since the cache stays keyed on those weights;
+    `reference_variant` marks a model that computes them differently (QLoRA: `nf4` — a quantised base).
     """
-    key = cache_key(data_hash, tokenizer_fingerprint, reference_weights_sha256(reference))
+    weights = reference_weights_sha256(reference)
+    if reference_variant:
+        weights = f"{weights}+{reference_variant}"
+    key = cache_key(data_hash, tokenizer_fingerprint, weights)
     where = Path(directory) if directory else default_cache_dir(key)
     info: dict[str, Any] = {"directory": str(where), "key": key}
     status = "computed"
@@ -161,10 +178,10 @@ def reference_logps(pairs: Sequence[EncodedPair], *, data_hash: str, tokenizer_f
     if values is not None:
         return values, {**info, "status": "hit"}
     if is_main:
-        model = load_reference_model(reference, device)
+        ref_model = model if model is not None else load_reference_model(reference, device)
         started = time.perf_counter()
-        values = compute_reference_logps(model, pairs, pad_id, batch_pairs)
-        del model
+        values = compute_reference_logps(ref_model, pairs, pad_id, batch_pairs)
+        del ref_model
         seconds = round(time.perf_counter() - started, 3)
         write_cache(where, key, values, {"reference": str(reference), "seconds": seconds, "batch_pairs": batch_pairs})
     if barrier is not None:

@@ -92,11 +92,16 @@ def apply_compile(model: LFM2ForCausalLM, backend: str = "inductor") -> None:
 
 
 class TorchBackend:
-    """Single process, DDP or FSDP2 with a torch AdamW."""
+    """Single process, DDP or FSDP2 with a torch AdamW.
 
-    def __init__(self, model: LFM2ForCausalLM, cfg: Any, runtime: Runtime) -> None:
+    `trainable_only` (LoRA): the frozen base is wrapped and sharded like any weight, but gradients, the
+    optimizer and checkpoints cover only the parameters that require gradients.
+    """
+
+    def __init__(self, model: LFM2ForCausalLM, cfg: Any, runtime: Runtime, trainable_only: bool = False) -> None:
         self.runtime = runtime
         self.kind = cfg.distributed.backend
+        self.trainable_only = trainable_only
         self.raw = model.to(runtime.device)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
@@ -148,13 +153,19 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ checkpoints
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.raw.named_parameters() if p.requires_grad}
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded fp32 state dict on CPU (collective under FSDP2: every rank must call it)."""
+        """Unsharded fp32 state dict on CPU (collective under FSDP2: every rank must call it); only the
+        trainable parameters with `trainable_only`."""
         if self.kind == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+            return get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.trainable_only))
+        keep = self._trainable_names() if self.trainable_only else None
+        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items() if keep is None or k in keep}
 
     def save(self, directory: Path, export: Any) -> None:
         """Model in Hugging Face format (`export(state, dir)` on rank 0) + optimizer state."""
@@ -173,6 +184,10 @@ class TorchBackend:
     def load(self, directory: Path, load_weights: Any) -> None:
         state = load_weights(directory / "model")
         optim = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        if self.trainable_only and set(state) != self._trainable_names():
+            raise ValueError(f"checkpoint {directory} holds other trainable tensors than this model's adapters "
+                             f"(missing {sorted(self._trainable_names() - set(state))[:4]}, unexpected "
+                             f"{sorted(set(state) - self._trainable_names())[:4]}): another LoRA configuration?")
         if self.kind == "fsdp2":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -180,17 +195,20 @@ class TorchBackend:
                 set_optimizer_state_dict,
             )
 
-            opts = StateDictOptions(full_state_dict=True)
+            opts = StateDictOptions(full_state_dict=True, strict=not self.trainable_only)
             set_model_state_dict(self.model, state, options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, optim, options=opts)
         else:
-            self.raw.load_state_dict(state, strict=True)
+            self.raw.load_state_dict(state, strict=not self.trainable_only)
             self.optimizer.load_state_dict(optim)
 
 
-def make_backend(model: LFM2ForCausalLM, cfg: Any, runtime: Runtime) -> Any:
+def make_backend(model: LFM2ForCausalLM, cfg: Any, runtime: Runtime, trainable_only: bool = False) -> Any:
     if cfg.distributed.backend == "deepspeed":
+        if trainable_only:
+            raise ValueError("LoRA (model.lora.r > 0) runs with distributed.backend none, ddp or fsdp2; the frozen "
+                             "base is sharded by fsdp2 (the ZeRO-3 equivalent)")
         from .deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(model, cfg, runtime)
-    return TorchBackend(model, cfg, runtime)
+    return TorchBackend(model, cfg, runtime, trainable_only)

@@ -24,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..model import LFM2ForCausalLM
 from ..model.hf_io import read_state_dict, write_checkpoint
+from ..model.lora import LoRAConfig
+from ..model.peft_io import read_adapter_state, save_adapter
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .distributed import Runtime, make_backend
 from .observe import MetricsLogger, plot_losses
@@ -59,6 +61,9 @@ class TrainJob:
     eval_loss_fn: LossFn | None = None
     # Called as hook(step, max_steps) before each step: schedules of loss weights, temperatures, ...
     step_hooks: list[Callable[[int, int], None]] = field(default_factory=list)
+    # LoRA: the model carries adapters (model/lora.py); checkpoints and the output hold only the adapter,
+    # in PEFT's format, and the optimizer only its parameters.
+    lora: LoRAConfig | None = None
 
 
 class Trainer:
@@ -76,7 +81,7 @@ class Trainer:
             # Tiny models are per-op-latency bound: a second OpenMP thread only adds wake-up cost, which turns
             # into milliseconds per op when the other core is busy (measured: 8x slower whole runs).
             torch.set_num_threads(1)
-        self.backend = make_backend(job.model, cfg, self.runtime)
+        self.backend = make_backend(job.model, cfg, self.runtime, trainable_only=job.lora is not None)
         self.schedule = LRSchedule.from_config(cfg.optim, t.max_steps)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=t.keep_last)
         self.step = 0
@@ -102,11 +107,16 @@ class Trainer:
         return {k: v[lo:lo + b].to(self.runtime.device) for k, v in batch.items()}
 
     def _export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
-        write_checkpoint(state, self.config, directory)
+        if self.job.lora is not None:
+            save_adapter(state, self.job.lora, directory)
+        else:
+            write_checkpoint(state, self.config, directory)
         if self.job.tokenizer is not None:
             self.job.tokenizer.save_pretrained(directory)
 
     def _load_weights(self, directory: Path) -> dict[str, torch.Tensor]:
+        if self.job.lora is not None:
+            return read_adapter_state(directory)
         return read_state_dict(directory, self.config)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
@@ -299,7 +309,8 @@ class Trainer:
         return summary
 
     def export_final(self) -> Path:
-        """The stage's output: a Hugging Face directory plus a manifest of what went in."""
+        """The stage's output: a Hugging Face directory (a PEFT adapter directory under LoRA) plus a manifest
+        of what went in."""
         final = self.out_dir / "final"
         state = self.backend.full_model_state()
         if self.runtime.is_main:

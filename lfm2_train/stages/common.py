@@ -1,13 +1,18 @@
-"""What several stages share: building the model from the `model` config group."""
+"""What several stages share: building the model (and its LoRA adapters) from the `model` config group."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..model import LFM2Config, LFM2ForCausalLM, get_preset
+from ..model.lora import LoRAConfig, apply_lora, load_lora_state
+from ..model.peft_io import load_model, read_adapter_config, read_adapter_state
+from ..model.qlora import quantize_base
 
 
 def model_config(model_cfg: DictConfig) -> LFM2Config:
@@ -20,12 +25,50 @@ def model_config(model_cfg: DictConfig) -> LFM2Config:
 
 
 def build_model(model_cfg: DictConfig) -> LFM2ForCausalLM:
-    """`model.init_from` (an HF LFM2 directory) if set, else a randomly initialised preset."""
+    """`model.init_from` if set — an HF LFM2 directory, or a PEFT adapter directory folded into the base it
+    names — else a randomly initialised preset."""
     if model_cfg.init_from:
         if model_cfg.overrides:
             raise ValueError("model.overrides cannot change the architecture of model.init_from; remove them")
-        return LFM2ForCausalLM.from_pretrained(model_cfg.init_from, attn_implementation=model_cfg.attn_implementation)
+        return load_model(model_cfg.init_from, attn_implementation=model_cfg.attn_implementation)
     return LFM2ForCausalLM(model_config(model_cfg))
+
+
+def lora_enabled(model_cfg: DictConfig) -> bool:
+    lora = model_cfg.get("lora")
+    return lora is not None and (lora.r > 0 or bool(lora.adapter))
+
+
+def setup_lora(model: LFM2ForCausalLM, model_cfg: DictConfig, device: Any, seed: int) -> LoRAConfig | None:
+    """Freeze `model` and attach the `model.lora` adapters (None, untouched, when LoRA is off).
+
+    With `model.lora.adapter` the adapter directory's own config and weights are loaded (training continues
+    from it); otherwise fresh adapters are initialised from `seed`, independent of the global RNG. QLoRA
+    (`model.lora.quantize`) quantises the base on `device` first; it is refused off CUDA.
+    """
+    if not lora_enabled(model_cfg):
+        if model_cfg.get("lora") is not None and model_cfg.lora.quantize != "none":
+            raise ValueError("model.lora.quantize (QLoRA) needs LoRA adapters: set model.lora.r > 0")
+        return None
+    lora = model_cfg.lora
+    base = str(Path(model_cfg.init_from).resolve()) if model_cfg.init_from else None
+    quantize_base(model, lora.quantize, device, lora.compute_dtype)
+    if lora.adapter:
+        config = read_adapter_config(lora.adapter)
+        if lora.r and lora.r != config.r:
+            raise ValueError(f"model.lora.r={lora.r} but model.lora.adapter={lora.adapter} has r={config.r}; "
+                             "leave model.lora.r at 0 to take the adapter's settings")
+        config = dataclasses.replace(config, lora_dropout=lora.lora_dropout, base_model_name_or_path=base)
+        apply_lora(model, config)
+        load_lora_state(model, read_adapter_state(lora.adapter), source=str(lora.adapter))
+        return config
+    targets = lora.target_modules
+    config = LoRAConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets,
+                        use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
+                        base_model_name_or_path=base)
+    apply_lora(model, config, generator=torch.Generator().manual_seed(int(seed)))
+    return config
 
 
 def resolve_dataset(data_cfg: DictConfig, runtime: Any = None) -> tuple[Path, Path]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ from ..data.ref_logps import reference_logps
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer, TrainJob
 from ..losses.preference import PreferenceLoss, pair_logps
-from .common import build_model
+from ..model.lora import disable_adapters
+from .common import build_model, lora_enabled, setup_lora
 from .sft import resolve_tokenizer
 
 
@@ -107,17 +109,30 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
         print(f"preference: {pairs.describe()}")
     data_hash = pairs.data_hash()
 
+    # LoRA: the policy is the frozen init_from plus adapters, so pi_ref = init_from is the policy with its
+    # adapters disabled — reference log-probs (on a cache miss) come from it, never from a second copy.
+    model, lora, base_as_reference = None, None, False
+    if lora_enabled(cfg.model):
+        model = build_model(cfg.model)
+        lora = setup_lora(model, cfg.model, runtime.device, cfg.seed)
+        model.to(runtime.device)
+        base_as_reference = not stage.reference or str(stage.reference) == str(cfg.model.init_from)
+
     ref_values, ref_info = None, {"status": "not needed (reference-free loss)"}
     if loss.needs_reference:
-        ref_values, ref_info = reference_logps(
-            pairs.pairs, data_hash=data_hash, tokenizer_fingerprint=tokenizer.fingerprint(), reference=reference,
-            pad_id=tokenizer.pad_token_id, directory=stage.ref_cache, overwrite=stage.ref_cache_overwrite,
-            batch_pairs=stage.ref_batch_pairs, device=runtime.device, is_main=runtime.is_main,
-            barrier=runtime.barrier)
+        with disable_adapters(model) if base_as_reference else nullcontext():
+            ref_values, ref_info = reference_logps(
+                pairs.pairs, data_hash=data_hash, tokenizer_fingerprint=tokenizer.fingerprint(), reference=reference,
+                pad_id=tokenizer.pad_token_id, directory=stage.ref_cache, overwrite=stage.ref_cache_overwrite,
+                batch_pairs=stage.ref_batch_pairs, device=runtime.device, is_main=runtime.is_main,
+                barrier=runtime.barrier, model=model if base_as_reference else None,
+                reference_variant=cfg.model.lora.quantize if base_as_reference and cfg.model.lora.quantize != "none"
+                else None)
         if runtime.is_main:
             print(f"preference: reference log-probs {ref_info['status']} ({ref_info['directory']})")
 
-    model = build_model(cfg.model)
+    if model is None:
+        model = build_model(cfg.model)
     if data_cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
@@ -148,9 +163,10 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
         "losses": [{"name": term.name, "weight": term.weight, "length_normalize": term.normalised}
                    for term in loss.terms],
         "beta": loss.beta, "label_smoothing": loss.label_smoothing, "margin": loss.margin,
+        "lora": lora.to_peft_dict() if lora else None,
     }
     job = TrainJob(model=model, train=stream, loss_fn=pair_loss, val_batches=val_batches, tokenizer=tokenizer,
-                   inputs=inputs)
+                   inputs=inputs, lora=lora)
     job.inputs["ref_cache_status"] = ref_info["status"]
     return job, pair_loss, train_probe
 

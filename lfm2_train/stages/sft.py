@@ -31,7 +31,7 @@ from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model
+from .common import build_model, setup_lora
 from .pretrain import training_sequence
 
 CURRICULUM_SOURCES = ("none", "column", "file")
@@ -167,6 +167,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         if runtime.is_main:
             print(f"sft: stage.epochs={stage.epochs} -> trainer.max_steps={steps}")
         cfg.trainer.max_steps = steps
+    lora = setup_lora(model, cfg.model, runtime.device, cfg.seed)
     add_embedding_dropout(model, stage.embedding_dropout)
 
     val_batches = []
@@ -178,10 +179,10 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         "init_from": cfg.model.init_from, "preset": cfg.model.preset, "rows": encoded.n_rows,
         "skipped": dict(sorted(encoded.skipped.items())), "train_conversations": int(len(train)),
         "val_conversations": int(len(val)), "epochs": stage.epochs, "curriculum": curriculum,
-        "embedding_dropout": stage.embedding_dropout,
+        "embedding_dropout": stage.embedding_dropout, "lora": lora.to_peft_dict() if lora else None,
     }
     return TrainJob(model=model, train=SFTStream(encoded.examples, sequence, data_cfg.seq_len, tokenizer.pad_token_id),
-                    loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer, inputs=inputs)
+                    loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer, inputs=inputs, lora=lora)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
