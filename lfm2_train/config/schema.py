@@ -306,6 +306,9 @@ class MergeStageConfig:
     keep_candidates: bool = True  # keep every candidate's directory under candidates/
     max_shard_size: str = "2GB"  # output safetensors shard size (e.g. 500MB, 5GB)
     hash_inputs: bool = True  # sha256 of every input weight file in the manifest
+    # fold this PEFT adapter directory into base_model (None: the base it records) instead of a merge method;
+    # adapter directories given as base_model / models / slices inputs are folded before merging either way
+    merge_adapter: str | None = None
 
 
 

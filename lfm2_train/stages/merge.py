@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ..merge import MergeConfigError, merge_checkpoints, parse_merge_config
+from ..merge.adapters import fold_adapter_inputs, merge_adapter_into
 from ..merge.selection import arithmetic_evaluation, expand_candidates, select_merge, validation_loss_evaluation
 from .common import resolve_dataset
 
@@ -56,11 +58,34 @@ def merge_config_dict(stage: DictConfig) -> tuple[dict[str, Any], Path | None]:
     return data, base_dir
 
 
+def fold_adapter(cfg: DictConfig) -> dict[str, Any]:
+    """`stage.merge_adapter`: base + adapter written to `<output_dir>/final` (no merge method)."""
+    stage = cfg.stage
+    clashing = [k for k in ("config", "merge_method", "models", "slices", "candidates") if stage[k]]
+    if clashing:
+        raise MergeConfigError(f"stage.merge_adapter folds one adapter into its base; it does not combine with "
+                               f"stage.{', stage.'.join(clashing)} — give adapter directories as merge inputs instead")
+    dtype = getattr(torch, stage.dtype) if stage.dtype else None
+    final = merge_adapter_into(stage.base_model, stage.merge_adapter, Path(cfg.output_dir) / "final", dtype=dtype,
+                               max_shard_size=stage.max_shard_size)
+    return {"final": str(final), "method": "fold_adapter", "adapter": stage.merge_adapter,
+            "base_model": stage.base_model}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.stage
     out_dir = Path(cfg.output_dir)
+    if stage.merge_adapter:
+        summary = fold_adapter(cfg)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"\nmerge: {json.dumps(summary, default=str)}")
+        return summary
     data, base_dir = merge_config_dict(stage)
     candidates = expand_candidates(data, _plain(stage.candidates), _plain(stage.grid))
+    folded: dict[str, str] = {}  # adapter inputs -> folded checkpoints under <output_dir>/folded, once each
+    for candidate in candidates:
+        candidate.config = fold_adapter_inputs(candidate.config, out_dir / "folded", base_dir, folded)
     kwargs = {"max_shard_size": stage.max_shard_size, "hash_inputs": stage.hash_inputs}
     if stage.evaluation == "none":
         if len(candidates) > 1:
