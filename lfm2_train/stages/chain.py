@@ -39,10 +39,10 @@ def _run_one(overrides: list[str]) -> dict[str, Any]:
 def make_evaluator(n: int, seed: int, levels: list[int] | None):
     def evaluate(model_dir: Path) -> dict[str, Any]:
         from ..evaluation import arithmetic_accuracy
-        from ..model import LFM2ForCausalLM
+        from ..model.peft_io import load_model
         from ..tokenizer import LFM2Tokenizer
 
-        model = LFM2ForCausalLM.from_pretrained(model_dir).eval()
+        model = load_model(model_dir).eval()  # a LoRA step's adapter directory is folded into its base
         tokenizer = LFM2Tokenizer.from_pretrained(model_dir)
         return dict(arithmetic_accuracy(model, tokenizer, n=n, seed=seed, levels=levels))
 
