@@ -163,7 +163,8 @@ def main() -> None:
         report["tiny"] = {"base": str(base), "base_accuracy": _base_accuracy(base), "runs": []}
         for rep in range(args.reps):
             for kind in ("full", "lora"):
-                extra = [*LORA, f"optim.lr={args.lora_lr}", f"optim.min_lr={args.lora_lr / 10}"] if kind == "lora" else []
+                lr = [f"optim.lr={args.lora_lr}", f"optim.min_lr={args.lora_lr / 10}"]
+                extra = [*LORA, *lr] if kind == "lora" else []
                 spec = {"overrides": [*CHAIN_SFT, f"model.init_from={base}", *extra],
                         "out": str(workdir / f"tiny-{kind}-{rep}"), "evaluate": True}
                 report["tiny"]["runs"].append({"kind": kind, "rep": rep, **_child(spec, f"tiny {kind} #{rep}")})
