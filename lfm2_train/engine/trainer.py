@@ -77,6 +77,10 @@ class Trainer:
             raise ValueError(f"trainer.precision={t.precision!r}; choose fp32 or bf16")
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
+        if job.lora is None and (OmegaConf.select(cfg, "model.lora.r", default=0)
+                                 or OmegaConf.select(cfg, "model.lora.adapter", default=None)):
+            raise ValueError(f"model.lora applies to stage=sft and stage=preference; stage={cfg.stage.name} trains "
+                             "every weight — unset model.lora.r / model.lora.adapter")
         if cfg.threads is None and self.runtime.device.type == "cpu" and job.model.num_parameters() < SMALL_MODEL:
             # Tiny models are per-op-latency bound: a second OpenMP thread only adds wake-up cost, which turns
             # into milliseconds per op when the other core is busy (measured: 8x slower whole runs).

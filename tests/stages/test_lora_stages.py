@@ -174,3 +174,10 @@ def test_lora_with_deepspeed_is_refused(tmp_path, base_dir):
     job = build_job(cfg, Runtime())
     with pytest.raises(ValueError, match="LoRA .* none, ddp or fsdp2"):
         Trainer(cfg, job, Runtime())
+
+
+def test_lora_on_a_stage_without_adapters_is_refused(tmp_path, tiny_dataset):
+    cfg = _cfg(tmp_path, ["stage=pretrain", "logger=disabled", f"data.path={tiny_dataset}", "data.seq_len=32",
+                          "trainer.max_steps=1"], "model.lora.r=4")
+    with pytest.raises(ValueError, match="model.lora applies to stage=sft and stage=preference"):
+        run_stage(cfg)
