@@ -9,28 +9,25 @@ from typing import Any
 
 import torch
 
+from ..artifacts import model_dir_problem, replace_dir, temp_sibling
 from ..model import LFM2ForCausalLM
 
 
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy a model directory's files (not its subdirectories) atomically into `dst`."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = temp_sibling(dst)
     for f in sorted(src.iterdir()):
         if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    replace_dir(tmp, dst)
 
 
 def export_model(model_dir: Path, out_dir: Path, check_transformers: bool = True) -> dict[str, Any]:
     """Copy `model_dir` to `<out_dir>/model` and prove it loads: in our model always, and in `transformers`
     (`AutoModelForCausalLM`, same logits) when it is installed — it is a dev extra, not a dependency."""
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"export: {model_dir} is not a model directory (no config.json)")
+    problem = model_dir_problem(model_dir)
+    if problem is not None:
+        raise FileNotFoundError(f"export: {model_dir} is not a complete model directory ({problem})")
     target = out_dir / "model"
     copy_tree(model_dir, target)
     ours = LFM2ForCausalLM.from_pretrained(target).eval()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import model_dir_problem
 from .spec import ChainSpec, Step, substitute
 
 MARKER = "chain_step.json"
@@ -98,14 +99,12 @@ def _move_aside(directory: Path, log: Callable[[str], None]) -> None:
 
 
 def model_dir_of(summary: dict[str, Any], directory: Path) -> Path | None:
-    """The model a step produced: the stage's reported `final`, else `<dir>/final`, else None."""
+    """The model a step produced: the stage's reported `final`, else `<dir>/final`, else None. Only a complete
+    model directory counts (`artifacts.model_dir_problem`), not one with a lone `config.json`."""
     final = summary.get("final")
-    if final and Path(final, "config.json").is_file():
-        return Path(final)
-    if (directory / "final" / "config.json").is_file():
-        return directory / "final"
-    if (directory / "config.json").is_file():
-        return directory
+    for candidate in ([Path(final)] if final else []) + [directory / "final", directory]:
+        if model_dir_problem(candidate) is None:
+            return candidate
     return None
 
 

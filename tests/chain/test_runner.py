@@ -32,7 +32,8 @@ def _write(tmp_path: Path, text: str = CHAIN, name: str = "c.yaml") -> Path:
 
 
 class FakeStages:
-    """Records each call; writes a `final/config.json` like a real stage; can stop one step once."""
+    """Records each call; writes a `final/` model directory (config + weights) like a real stage; can stop one
+    step once."""
 
     def __init__(self, interrupt: str | None = None) -> None:
         self.calls: list[list[str]] = []
@@ -48,6 +49,7 @@ class FakeStages:
             return {"status": "interrupted", "steps": 1}
         (out / "final").mkdir(parents=True, exist_ok=True)
         (out / "final" / "config.json").write_text("{}")
+        (out / "final" / "model.safetensors").write_bytes(b"weights")
         return {"status": "finished", "steps": 3, "loss": 1.5, "final": str(out / "final")}
 
 
