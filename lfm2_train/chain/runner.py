@@ -43,7 +43,7 @@ class StepRecord:
         s, m = self.summary, self.metrics
         return {"step": self.name, "kind": self.kind, "status": self.status, "steps": s.get("steps"),
                 "seconds": round(self.seconds, 1), "loss": s.get("loss"), "val_loss": s.get("val_loss"),
-                "task_acc": m.get("accuracy")}
+                "task_acc": m.get("accuracy"), "lm_loss": m.get("lm_loss")}
 
 
 class ChainInterrupted(RuntimeError):
@@ -168,7 +168,8 @@ class ChainRunner:
         if model is None:
             raise RuntimeError(f"step {step.name!r} has evaluate: true but produced no model directory")
         metrics = self.evaluate(model)
-        self.log(f"  {step.name}: task accuracy {metrics.get('accuracy'):.3f} on {metrics.get('n')} problems")
+        lm = f"; held-out LM loss {metrics['lm_loss']:.4f}" if metrics.get("lm_loss") is not None else ""
+        self.log(f"  {step.name}: task accuracy {metrics.get('accuracy'):.3f} on {metrics.get('n')} problems{lm}")
         return metrics
 
     def _run_step(self, step: Step, directory: Path, dirs: dict[str, Path]) -> dict[str, Any]:

@@ -104,6 +104,7 @@ class LoggerConfig:
     project: str = "lfm2_train"
     run_name: str | None = None
     plot: bool = True  # loss-curve PNG at the end
+    wandb_console: bool = False  # wandb's own console output; off = one summary line per stage
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -211,6 +212,9 @@ class SFTStageConfig:
     bundled_levels: list[int] | None = None  # subset of lfm2_train.tasks.arithmetic.LEVELS; None = all
     epochs: float | None = 3.0  # sets trainer.max_steps; None = trainer.max_steps decides (data repeats)
     embedding_dropout: float = 0.0  # dropout on the embedding output (the only dropout LFM2 SFT uses)
+    # Share of every batch's rows replayed from pre-training shards (keeps the language model; 0 = off)
+    mix_pretrain: float = 0.0
+    mix_data: str | None = None  # token shards to replay (the model's tokenizer); None = the bundled corpus
     cache_dir: str | None = None  # datasets cache for loading files; None = the datasets default
     curriculum: SFTCurriculumSchema = field(default_factory=SFTCurriculumSchema)
 

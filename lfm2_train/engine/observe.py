@@ -25,7 +25,9 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
         self.cfg = cfg
+        self.total_steps = total_steps
         self._wandb = None
+        self._wandb_quiet = False
         self._bar = None
         if not enabled:
             return
@@ -36,11 +38,14 @@ class MetricsLogger:
         if cfg.logger.wandb and mode != "disabled":
             import wandb
 
+            quiet = not cfg.logger.get("wandb_console", False)
             self._wandb = wandb.init(
                 project=cfg.logger.project, name=cfg.logger.run_name, mode=mode,
                 dir=str(self.out_dir), config=run_config, resume="allow",
                 id=_stable_run_id(self.out_dir), reinit="finish_previous",
+                settings=wandb.Settings(silent=True, console="off") if quiet else None,
             )
+            self._wandb_quiet = quiet
         if cfg.trainer.progress_bar:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage.name, dynamic_ncols=True,
                              mininterval=0.5)
@@ -53,9 +58,12 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+        shown = {k: metrics[k] for k in ("loss", "lr", "tok/s", "val_loss") if k in metrics}
         if self._bar is not None and bar:
-            shown = {k: metrics[k] for k in ("loss", "lr", "tok/s", "val_loss") if k in metrics}
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        elif self._bar is None and bar and shown:  # no bar: a line per logged step, so a long run is never silent
+            values = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            print(f"{self.cfg.stage.name} step {step}/{self.total_steps}: {values}", flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -65,8 +73,14 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         if self._wandb is not None:
+            run_dir = getattr(self._wandb, "dir", None)
+            offline = getattr(getattr(self._wandb, "settings", None), "mode", None) == "offline"
             self._wandb.finish()
             self._wandb = None
+            if self._wandb_quiet:
+                where = Path(run_dir).parent if run_dir else self.out_dir / "wandb"
+                print(f"wandb: {'offline ' if offline else ''}run in {where}"
+                      + (f" (upload with: wandb sync {where})" if offline else ""), flush=True)
 
 
 def _clean(v: float) -> float | None:

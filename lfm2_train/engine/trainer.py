@@ -39,6 +39,15 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
 SMALL_MODEL = 20_000_000  # parameters; below this, CPU training uses one intra-op thread unless `threads` is set
 
 
+def cpu_bf16_support() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX); None where we cannot tell."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class BatchSource(Protocol):
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
@@ -73,6 +82,10 @@ class Trainer:
         t = cfg.trainer
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"trainer.precision={t.precision!r}; choose fp32 or bf16")
+        if t.precision == "bf16" and self.runtime.device.type == "cpu" and cpu_bf16_support() is False:
+            warnings.warn("trainer.precision=bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): every "
+                          "bf16 matmul is emulated and can be many times slower than fp32; use "
+                          "trainer.precision=fp32 on this machine", stacklevel=2)
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
         if cfg.threads is None and self.runtime.device.type == "cpu" and job.model.num_parameters() < SMALL_MODEL:
@@ -286,7 +299,8 @@ class Trainer:
                 if metrics is not None:
                     metrics["tok/s"] = metrics["tokens"] / max(time.perf_counter() - tick, 1e-9)
                     self.last_metrics = metrics
-                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    # Step 1 always: at real size a step takes minutes, and the first line says the run is alive.
+                    if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
                         logger.log(self.step, metrics)
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val = self.evaluate()

@@ -23,15 +23,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.chat_dataset import ChatRows, EncodedRows, encode_rows, load_chat_rows, load_difficulty
+from ..data.format import ShardReader, check_compatible, load_manifest
+from ..data.mixed_stream import MixedStream
 from ..data.pacing import PacingConfig
-from ..data.packed import split_documents
+from ..data.packed import DocumentStream, split_documents
 from ..data.sft_stream import SFTStream, count_rows, positions_needed
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model
+from .common import build_model, model_tokenizer_dir, resolve_dataset
 from .pretrain import training_sequence
 
 CURRICULUM_SOURCES = ("none", "column", "file")
@@ -180,8 +182,33 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         "val_conversations": int(len(val)), "epochs": stage.epochs, "curriculum": curriculum,
         "embedding_dropout": stage.embedding_dropout,
     }
-    return TrainJob(model=model, train=SFTStream(encoded.examples, sequence, data_cfg.seq_len, tokenizer.pad_token_id),
-                    loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer, inputs=inputs)
+    train: Any = SFTStream(encoded.examples, sequence, data_cfg.seq_len, tokenizer.pad_token_id)
+    if stage.mix_pretrain > 0:
+        train = MixedStream(train, replay_stream(cfg, tokenizer, steps * rows_per_step, runtime, inputs),
+                            stage.mix_pretrain)
+    return TrainJob(model=model, train=train, loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer,
+                    inputs=inputs)
+
+
+def replay_stream(cfg: DictConfig, tokenizer: LFM2Tokenizer, total_rows: int, runtime: Runtime,
+                  inputs: dict[str, Any]) -> DocumentStream:
+    """Pre-training rows to mix in: the training split of `stage.mix_data` (its held-out documents stay
+    held out, so a held-out LM loss on that dataset measures what the mix preserved), seeded shuffle."""
+    stage, data_cfg = cfg.stage, cfg.data
+    mix_cfg = OmegaConf.create({"path": stage.mix_data, "tokenizer": None})
+    dataset_dir, _ = resolve_dataset(mix_cfg, runtime, tokenizer=model_tokenizer_dir(cfg.model.init_from))
+    manifest = load_manifest(dataset_dir)
+    check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=None,
+                     source=f"stage.mix_data={dataset_dir}")
+    reader = ShardReader(dataset_dir, manifest)
+    train_docs, _ = split_documents(len(reader), data_cfg.val_fraction, data_cfg.val_max_documents, data_cfg.seed)
+    rows = math.ceil(total_rows * stage.mix_pretrain) + 1
+    mean_len = float(reader.doc_lengths()[train_docs].mean())
+    n_docs = math.ceil(1.25 * rows * data_cfg.seq_len / mean_len) + 1
+    sequence = training_sequence(train_docs, None, PacingConfig(), n_docs, data_cfg.seed)
+    inputs["mix_pretrain"] = {"fraction": stage.mix_pretrain, "dataset": str(dataset_dir),
+                              "manifest_hash": manifest.hash()}
+    return DocumentStream(reader, sequence, data_cfg.seq_len)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
