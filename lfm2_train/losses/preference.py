@@ -201,7 +201,8 @@ class PreferenceLoss:
         whole micro-batch, as TRL does with its per-device batch.
         """
         if self.needs_reference and reference is None:
-            raise ValueError("these preference losses need reference log-probs (only simpo and nll are reference-free)")
+            raise ValueError("these preference losses need reference log-probs (only simpo and nll / sft are "
+                             "reference-free)")
         if policy.shape != lengths.shape or policy.dim() != 2 or policy.shape[1] != 2:
             raise ValueError(f"policy log-probs {tuple(policy.shape)} and lengths {tuple(lengths.shape)} must both "
                              "be (pairs, 2)")

@@ -26,7 +26,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.packed import split_documents
-from ..data.preference import PairStream, PreferencePairs, collate_pairs, load_preference_pairs, pairs_hash
+from ..data.preference import (
+    EncodedPair,
+    PairStream,
+    PreferencePairs,
+    collate_pairs,
+    load_preference_pairs,
+    pairs_hash,
+)
 from ..data.ref_logps import reference_logps
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer, TrainJob
@@ -95,7 +102,7 @@ def _batches(pairs: PreferencePairs, index: np.ndarray, pad_id: int, ref: np.nda
     return out
 
 
-def _ld_reference(pairs: list, totals: np.ndarray, stage: DictConfig, reference: str, tokenizer: Any,
+def _ld_reference(pairs: list[EncodedPair], totals: np.ndarray, stage: DictConfig, reference: str, tokenizer: Any,
                   runtime: Runtime) -> np.ndarray:
     """LD-DPO's reference tails: (pairs, 2) totals -> (pairs, 2, 2) [total, tail past the shared length].
 
