@@ -223,11 +223,13 @@ class SFTStageConfig:
 
 @dataclass
 class PreferenceLossTermSchema:
-    """One term of the preference loss: dpo | ln_dpo | apo_zero | ln_apo_zero | ipo | hinge | simpo | nll."""
+    """One term of the preference loss: dpo | ln_dpo | apo_zero | ln_apo_zero | ipo | hinge | simpo | nll, or a
+    TRL name: sigmoid | sigmoid_norm | sft (= dpo | ln_dpo | nll) | robust | exo_pair | nca_pair | bco_pair |
+    sppo_hard | aot | aot_unpaired | apo_down | discopop (docs/PREFERENCE.md)."""
 
     name: str = "ln_dpo"
     weight: float = 1.0
-    length_normalize: bool | None = None  # None = the name's default (on for ln_* and simpo)
+    length_normalize: bool | None = None  # None = the name's default (ln_*, sigmoid_norm, simpo: on; ipo: conventions)
 
 
 @dataclass
@@ -246,8 +248,14 @@ class PreferenceStageConfig:
     tokenizer: str | None = None  # default: model.init_from's tokenizer, else the bundled tiny one
     losses: list[PreferenceLossTermSchema] = field(default_factory=lambda: [PreferenceLossTermSchema()])
     beta: float = 5.0
-    label_smoothing: float = 0.0  # dpo / simpo
-    margin: float = 0.0  # simpo's target reward margin gamma
+    label_smoothing: float = 0.0  # cDPO for dpo / simpo; eps of robust, exo_pair, aot, aot_unpaired
+    margin: float = 0.0  # simpo's target reward margin gamma (TRL: simpo_gamma)
+    conventions: str = "native"  # native | trl_compatible: TRL's numbers for TRL's names (ipo, nll, sigmoid)
+    nll_reduction: str | None = None  # pair | token (chosen tokens' mean per micro-batch); None = the conventions'
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter response; None = off
+    f_divergence_type: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    discopop_tau: float = 0.05  # discopop's temperature
     reference: str | None = None  # pi_ref HF directory; None = model.init_from
     ref_cache: str | None = None  # None = $LFM2_TRAIN_CACHE/ref_logps/<key> (content-addressed)
     ref_cache_overwrite: bool = False  # an explicit ref_cache made from other inputs: recompute (else refuse)
