@@ -86,11 +86,12 @@ def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarr
 
 
 def example_sequence(encoded: EncodedRows, train: np.ndarray, order: np.ndarray | None, cfg: DictConfig,
-                     rows_per_step: int) -> tuple[np.ndarray, int]:
+                     rows_per_step: float) -> tuple[np.ndarray, int]:
     """(the examples the run reads, in order; the number of optimizer steps).
 
     With `stage.epochs` the sequence is that many passes and the steps are the full steps it packs into;
     otherwise `trainer.max_steps` decides and the passes repeat until the sequence is long enough.
+    `rows_per_step` counts chat rows only (fractional when pre-training rows are mixed in).
     """
     pacing = PacingConfig.from_dict(OmegaConf.to_container(cfg.data.pacing, resolve=True))
     seq_len, seed = cfg.data.seq_len, cfg.data.seed
@@ -105,14 +106,14 @@ def example_sequence(encoded: EncodedRows, train: np.ndarray, order: np.ndarray 
         if epochs <= 0:
             raise ValueError(f"stage.epochs={epochs} must be > 0 (or null to let trainer.max_steps decide)")
         seq, rows = build(max(1, math.ceil(epochs * len(train))))
-        steps = rows // rows_per_step
+        steps = int(rows // rows_per_step)
         if steps < 1:
             raise ValueError(f"stage.epochs={epochs} over {len(train)} training conversations packs into {rows} "
-                             f"rows, fewer than one step needs ({rows_per_step}); add data or epochs")
+                             f"rows, fewer than one step needs ({rows_per_step:g}); add data or epochs")
         return seq, steps
     steps = cfg.trainer.max_steps
-    need = steps * rows_per_step
-    n_samples = math.ceil(1.25 * need * seq_len / max(float(lengths[train].mean()), 1.0)) + rows_per_step
+    need = math.ceil(steps * rows_per_step)
+    n_samples = math.ceil(1.25 * need * seq_len / max(float(lengths[train].mean()), 1.0)) + math.ceil(rows_per_step)
     seq, rows = build(n_samples)
     while rows < need:
         n_samples *= 2
@@ -164,7 +165,8 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     n = len(encoded.examples)
     train, val = split_documents(n, data_cfg.val_fraction, data_cfg.val_max_documents, data_cfg.seed)
     rows_per_step = t.micro_batch_size * runtime.world_size * t.grad_accum
-    sequence, steps = example_sequence(encoded, train, order, cfg, rows_per_step)
+    # Epochs count passes over the chat data, so replayed pre-training rows add steps rather than remove chat.
+    sequence, steps = example_sequence(encoded, train, order, cfg, rows_per_step * (1 - stage.mix_pretrain))
     if steps != t.max_steps:
         if runtime.is_main:
             print(f"sft: stage.epochs={stage.epochs} -> trainer.max_steps={steps}")
