@@ -381,6 +381,25 @@ class ChainStageConfig:
     eval_levels: list[int] | None = None  # task levels (lfm2_train/tasks/arithmetic.py LEVELS); None = the chain's
 
 
+# ---- stage: export ---------------------------------------------------------------------------------------
+@dataclass
+class ExportStageConfig:
+    """`stage=export`: a trained model directory as a Hugging Face directory or a llama.cpp GGUF file
+    (docs/DEPLOY.md). The output goes to `stage.output`, or `<output_dir>/model` (hf) /
+    `<output_dir>/model-<dtype>.gguf` (gguf); a summary to `<output_dir>/summary.json`.
+    dtypes: hf float32 | bfloat16 | float16; gguf f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0."""
+
+    name: str = "export"
+    source: str | None = None  # the model directory to export; None = model.init_from
+    format: str = "hf"  # hf | gguf
+    dtype: str | None = None  # weight / quantisation type (see above); None = as stored (hf), f16 (gguf)
+    output: str | None = None  # output path (a directory for hf, a file for gguf); None = under output_dir
+    check_transformers: bool = True  # hf: load the copy in transformers (when installed) and compare logits
+    tokenizer: str | None = None  # gguf: directory with tokenizer.json / tokenizer_config.json; None = source
+    pre_tokenizer: str | None = None  # gguf: llama.cpp's tokenizer.ggml.pre; None = detected (lfm2 | gpt-2)
+    model_name: str | None = None  # gguf: general.name; None = the source directory's name
+
+
 # ------------------------------------------------------------------------------------------------ root
 @dataclass
 class RootConfig:
@@ -426,6 +445,7 @@ def register_configs() -> None:
     # eval / search (issue 8)
     cs.store(group="stage", name="eval", node=EvalStageConfig)
     cs.store(group="stage", name="search", node=SearchStageConfig)
+    cs.store(group="stage", name="export", node=ExportStageConfig)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

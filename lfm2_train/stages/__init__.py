@@ -22,6 +22,7 @@ STAGES = {
     "merge": "lfm2_train.stages.merge",
     "eval": "lfm2_train.stages.eval",
     "search": "lfm2_train.stages.search",
+    "export": "lfm2_train.stages.export",
 }
 
 

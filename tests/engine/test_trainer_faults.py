@@ -151,7 +151,8 @@ def test_a_broken_plot_never_fails_a_finished_stage(tmp_path, tiny_dataset, monk
 @pytest.mark.parametrize("env_mode", ["disabled", "offline", None])
 def test_wandb_mode_environment_variable_wins(tmp_path, monkeypatch, env_mode):
     calls = []
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(finish=lambda: None),
+                                 Settings=lambda **kw: kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     if env_mode is None:
         monkeypatch.delenv("WANDB_MODE", raising=False)
