@@ -100,7 +100,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     total = time.perf_counter() - started
     last = records[-1]
     output = model_dir_of(last.summary, step_dirs(spec, workdir)[last.name])
-    legend = metric_legend(stage.eval_problems, stage.eval_seed, levels, spec.eval_lm_data)
+    legend = metric_legend(stage.eval_problems, stage.eval_seed, levels,
+                           str(lm_data.relative_to(workdir)) if lm_data and lm_data.is_relative_to(workdir) else
+                           (str(lm_data) if lm_data else None))
     report = write_report(spec, workdir, records, total, output, legend)
     print(f"\n{format_table(records)}\n{legend}\n\nchain {spec.name}: {total:.0f} s; report {report}"
           + (f"; model {output}" if output else ""))
