@@ -26,8 +26,12 @@ def _main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["recipe=lfm2-350m/pretrian"], "error: unknown recipe='lfm2-350m/pretrian'; did you mean 'lfm2-350m/pretrain'?"),
     (["stage=pretrain", "model.init_from=/does/not/exist", "trainer.max_steps=1"], "error: "),
     (["stage=distill"], "error: stage=distill needs stage.teacher_cache="),
+    (["stage=chain", "stage.chain=BAD"], "error: "),  # BAD is replaced by a malformed chain file below
 ])
 def test_user_errors_are_two_lines_and_exit_2(tmp_path, args, first_line):
+    bad_chain = tmp_path / "chain.yaml"
+    bad_chain.write_text("steps:\n  - {name: a, stage: pretrain, job: tokenize}\n")
+    args = [a.replace("BAD", str(bad_chain)) for a in args]
     proc = _main(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -165,6 +165,7 @@ def test_wandb_mode_environment_variable_wins(tmp_path, monkeypatch, env_mode):
         assert calls == []
     else:
         assert [c["mode"] for c in calls] == [env_mode or "online"]
+        assert calls[0]["settings"] == {"silent": True, "console": "off"}  # one summary line, not wandb's ~150
 
 
 # ---------------------------------------------------------------------------------------------- re-runs
