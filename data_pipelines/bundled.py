@@ -18,23 +18,36 @@ from .corpus import bundled_corpus_dir, bundled_corpus_index
 SHARD_TOKENS = 262_144  # several shards even for the small corpus, so shard-level code paths are exercised
 
 
-def bundled_dataset_dir() -> Path:
+def bundled_dataset_dir(tokenizer_fingerprint: str | None = None) -> Path:
+    """The cache directory; `tokenizer_fingerprint` (of a tokenizer other than the bundled one) gets its own."""
     # The tokenize job identifies its sources by path, so the installed location is part of the key: a second
     # checkout (or a moved one) gets its own directory instead of a "made with a different config" refusal.
-    settings = {"corpus": bundled_corpus_index(), "shard_tokens": SHARD_TOKENS, "tokenizer": "bundled-tiny",
-                "location": str(bundled_corpus_dir()), "version": 1}
+    settings = {"corpus": bundled_corpus_index(), "shard_tokens": SHARD_TOKENS,
+                "tokenizer": tokenizer_fingerprint or "bundled-tiny", "location": str(bundled_corpus_dir()),
+                "version": 1}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("LFM2_TRAIN_CACHE", Path.home() / ".cache" / "lfm2_train"))
     return root / f"bundled-{key}"
 
 
-def prepare_bundled_dataset(runtime: Any = None) -> tuple[Path, Path]:
-    """(dataset dir, tokenizer dir); rank 0 tokenizes, the other ranks wait for it."""
+def prepare_bundled_dataset(runtime: Any = None, tokenizer: Path | None = None) -> tuple[Path, Path]:
+    """(dataset dir, tokenizer dir); rank 0 tokenizes, the other ranks wait for it. With `tokenizer` (a
+    model's own, e.g. the chain's export) the corpus is tokenized with it, once, into its own directory."""
+    from lfm2_train.tokenizer import LFM2Tokenizer, tiny_tokenizer_path
+
     from .tokenize import run
 
-    out = bundled_dataset_dir()
+    fingerprint = None
+    if tokenizer is not None:
+        fingerprint = LFM2Tokenizer.from_pretrained(tokenizer).fingerprint()
+        if fingerprint == LFM2Tokenizer.from_pretrained(tiny_tokenizer_path()).fingerprint():
+            fingerprint, tokenizer = None, None
+    out = bundled_dataset_dir(fingerprint)
+    job: dict[str, Any] = {"output_dir": str(out), "shard_tokens": SHARD_TOKENS, "progress": False}
+    if tokenizer is not None:
+        job["tokenizer"] = str(tokenizer)
     if runtime is None or runtime.is_main:
-        run({"output_dir": str(out), "shard_tokens": SHARD_TOKENS, "progress": False})
+        run(job)
     if runtime is not None:
         runtime.barrier()
     return out, out / "tokenizer"

@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from lfm2_train.data.jsonl_check import jsonl_problem
+
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hub:"
@@ -119,6 +121,9 @@ def source_format(source: SourceConfig, files: list[Path]) -> str:
 
 def _read_error(source: SourceConfig, where: str, err: Exception) -> SourceError:
     cause = err.__cause__ or err  # datasets wraps parse errors in several exception types; all mean "unreadable"
+    problem = jsonl_problem(where) if where.endswith(".jsonl") and Path(where).is_file() else None
+    if problem is not None:  # say which line, not datasets' "row 1" of an internal block
+        return SourceError(f"source {source.name!r}: cannot read {where}, {problem}")
     return SourceError(f"source {source.name!r}: cannot read {where}: {type(cause).__name__}: {cause}")
 
 
@@ -131,6 +136,10 @@ def _load_files(source: SourceConfig, fmt: str, files: list[Path], cache_dir: st
     import datasets
 
     kwargs: dict[str, Any] = {}
+    for f in files:  # invalid UTF-8 would otherwise surface as a bare UnicodeDecodeError mid-job
+        problem = jsonl_problem(f, parse=False) if fmt in ("json", "text") else None
+        if problem is not None:
+            raise SourceError(f"source {source.name!r}: cannot read {f}, {problem}")
     if fmt == "text":  # a line is a document without its newline; paragraphs/files keep theirs
         kwargs = {"sample_by": source.sample_by, "keep_linebreaks": source.sample_by != "line"}
     try:

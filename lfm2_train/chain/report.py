@@ -10,7 +10,7 @@ from typing import Any
 from .runner import StepRecord, step_dirs
 from .spec import ChainSpec
 
-COLUMNS = ("step", "kind", "status", "steps", "seconds", "loss", "val_loss", "task_acc")
+COLUMNS = ("step", "kind", "status", "steps", "seconds", "loss", "val_loss", "task_acc", "lm_loss")
 
 
 def _fmt(value: Any) -> str:
@@ -44,18 +44,20 @@ def markdown_table(records: list[StepRecord]) -> str:
 
 
 def write_report(spec: ChainSpec, workdir: Path, records: list[StepRecord], total_seconds: float,
-                 output: Path | None) -> Path:
+                 output: Path | None, legend: str = "") -> Path:
     """`report.md` (table, per-step loss curves, the task metric along the chain) + `chain_summary.json`."""
     dirs = step_dirs(spec, workdir)
     parts = [f"# Chain `{spec.name}`\n", f"{spec.description.strip()}\n" if spec.description else "",
              f"Chain file: `{spec.source}`. Total time {total_seconds:.0f} s "
              f"(this invocation; skipped steps report their original time).\n",
-             "\n## Steps\n\n", markdown_table(records)]
+             "\n## Steps\n\n", markdown_table(records), f"\n{legend}\n" if legend else ""]
     evaluated = [r for r in records if r.metrics]
     if evaluated:
         parts.append("\n## Task metric along the chain\n\nChat arithmetic (`lfm2_train.tasks`), greedy, "
-                     "exact answer; the same problems for every model.\n\n| step | accuracy | n |\n|---|---|---|\n")
-        parts += [f"| {r.name} | {r.metrics['accuracy']:.3f} | {r.metrics.get('n')} |\n" for r in evaluated]
+                     "exact answer; the same problems for every model.\n\n| step | accuracy | n | held-out LM loss |\n"
+                     "|---|---|---|---|\n")
+        parts += [f"| {r.name} | {r.metrics['accuracy']:.3f} | {r.metrics.get('n')} | "
+                  f"{_fmt(r.metrics.get('lm_loss'))} |\n" for r in evaluated]
     curves = [(r.name, dirs[r.name] / "loss_curve.png") for r in records if (dirs[r.name] / "loss_curve.png").is_file()]
     if curves:
         parts.append("\n## Loss curves\n\n")

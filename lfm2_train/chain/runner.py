@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import model_dir_problem
 from .spec import ChainSpec, Step, substitute
 
 MARKER = "chain_step.json"
@@ -42,7 +43,7 @@ class StepRecord:
         s, m = self.summary, self.metrics
         return {"step": self.name, "kind": self.kind, "status": self.status, "steps": s.get("steps"),
                 "seconds": round(self.seconds, 1), "loss": s.get("loss"), "val_loss": s.get("val_loss"),
-                "task_acc": m.get("accuracy")}
+                "task_acc": m.get("accuracy"), "lm_loss": m.get("lm_loss")}
 
 
 class ChainInterrupted(RuntimeError):
@@ -98,14 +99,12 @@ def _move_aside(directory: Path, log: Callable[[str], None]) -> None:
 
 
 def model_dir_of(summary: dict[str, Any], directory: Path) -> Path | None:
-    """The model a step produced: the stage's reported `final`, else `<dir>/final`, else None."""
+    """The model a step produced: the stage's reported `final`, else `<dir>/final`, else None. Only a complete
+    model directory counts (`artifacts.model_dir_problem`), not one with a lone `config.json`."""
     final = summary.get("final")
-    if final and Path(final, "config.json").is_file():
-        return Path(final)
-    if (directory / "final" / "config.json").is_file():
-        return directory / "final"
-    if (directory / "config.json").is_file():
-        return directory
+    for candidate in ([Path(final)] if final else []) + [directory / "final", directory]:
+        if model_dir_problem(candidate) is None:
+            return candidate
     return None
 
 
@@ -169,7 +168,8 @@ class ChainRunner:
         if model is None:
             raise RuntimeError(f"step {step.name!r} has evaluate: true but produced no model directory")
         metrics = self.evaluate(model)
-        self.log(f"  {step.name}: task accuracy {metrics.get('accuracy'):.3f} on {metrics.get('n')} problems")
+        lm = f"; held-out LM loss {metrics['lm_loss']:.4f}" if metrics.get("lm_loss") is not None else ""
+        self.log(f"  {step.name}: task accuracy {metrics.get('accuracy'):.3f} on {metrics.get('n')} problems{lm}")
         return metrics
 
     def _run_step(self, step: Step, directory: Path, dirs: dict[str, Path]) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class ChainSpec:
     description: str = ""
     common: list[str] = field(default_factory=list)
     eval_levels: list[int] | None = None  # the task levels `evaluate: true` scores (None = all)
+    # token shards (usually "{shards}") whose held-out documents give each evaluated model's LM loss
+    eval_lm_data: str | None = None
     source: str = "<chain>"
 
     def step(self, name: str) -> Step:
@@ -72,7 +74,7 @@ class ChainSpec:
 
 
 _STEP_KEYS = {"name", "stage", "job", "overrides", "args", "evaluate"}
-_TOP_KEYS = {"description", "common", "steps", "eval_levels"}
+_TOP_KEYS = {"description", "common", "steps", "eval_levels", "eval_lm_data"}
 
 
 def builtin_chain_path(name: str) -> Path:
@@ -124,8 +126,14 @@ def load_chain(chain: str) -> ChainSpec:
                 raise ChainSpecError(f"{label}: `{{{ref}}}` does not name an earlier step ({sorted(known) or 'none'})")
         steps.append(step)
     common = raw.get("common") or []
+    lm_data = raw.get("eval_lm_data")
+    if lm_data is not None:
+        unknown_refs = [m.group(1) for m in _PLACEHOLDER.finditer(str(lm_data)) if m.group(1) not in
+                        {s.name for s in steps}]
+        if unknown_refs:
+            raise ChainSpecError(f"{where}: eval_lm_data: `{{{unknown_refs[0]}}}` does not name a step")
     return ChainSpec(name=path.stem, steps=steps, description=raw.get("description", ""), common=list(common),
-                     eval_levels=raw.get("eval_levels"), source=where)
+                     eval_levels=raw.get("eval_levels"), eval_lm_data=lm_data, source=where)
 
 
 def substitute(value: Any, dirs: dict[str, Path]) -> Any:

@@ -125,6 +125,7 @@ class LoggerConfig:
     project: str = "lfm2_train"
     run_name: str | None = None
     plot: bool = True  # loss-curve PNG at the end
+    wandb_console: bool = False  # wandb's own console output; off = one summary line per stage
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -232,6 +233,9 @@ class SFTStageConfig:
     bundled_levels: list[int] | None = None  # subset of lfm2_train.tasks.arithmetic.LEVELS; None = all
     epochs: float | None = 3.0  # sets trainer.max_steps; None = trainer.max_steps decides (data repeats)
     embedding_dropout: float = 0.0  # dropout on the embedding output (the only dropout LFM2 SFT uses)
+    # Share of every batch's rows replayed from pre-training shards (keeps the language model; 0 = off)
+    mix_pretrain: float = 0.0
+    mix_data: str | None = None  # token shards to replay (the model's tokenizer); None = the bundled corpus
     cache_dir: str | None = None  # datasets cache for loading files; None = the datasets default
     curriculum: SFTCurriculumSchema = field(default_factory=SFTCurriculumSchema)
 
@@ -240,11 +244,13 @@ class SFTStageConfig:
 
 @dataclass
 class PreferenceLossTermSchema:
-    """One term of the preference loss: dpo | ln_dpo | apo_zero | ln_apo_zero | ipo | hinge | simpo | nll."""
+    """One term of the preference loss: dpo | ln_dpo | apo_zero | ln_apo_zero | ipo | hinge | simpo | nll, or a
+    TRL name: sigmoid | sigmoid_norm | sft (= dpo | ln_dpo | nll) | robust | exo_pair | nca_pair | bco_pair |
+    sppo_hard | aot | aot_unpaired | apo_down | discopop (docs/PREFERENCE.md)."""
 
     name: str = "ln_dpo"
     weight: float = 1.0
-    length_normalize: bool | None = None  # None = the name's default (on for ln_* and simpo)
+    length_normalize: bool | None = None  # None = the name's default (ln_*, sigmoid_norm, simpo: on; ipo: conventions)
 
 
 @dataclass
@@ -263,8 +269,14 @@ class PreferenceStageConfig:
     tokenizer: str | None = None  # default: model.init_from's tokenizer, else the bundled tiny one
     losses: list[PreferenceLossTermSchema] = field(default_factory=lambda: [PreferenceLossTermSchema()])
     beta: float = 5.0
-    label_smoothing: float = 0.0  # dpo / simpo
-    margin: float = 0.0  # simpo's target reward margin gamma
+    label_smoothing: float = 0.0  # cDPO for dpo / simpo; eps of robust, exo_pair, aot, aot_unpaired
+    margin: float = 0.0  # simpo's target reward margin gamma (TRL: simpo_gamma)
+    conventions: str = "native"  # native | trl_compatible: TRL's numbers for TRL's names (ipo, nll, sigmoid)
+    nll_reduction: str | None = None  # pair | token (chosen tokens' mean per micro-batch); None = the conventions'
+    ld_alpha: float | None = None  # LD-DPO: weight of the tokens past the shorter response; None = off
+    f_divergence_type: str = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    discopop_tau: float = 0.05  # discopop's temperature
     reference: str | None = None  # pi_ref HF directory; None = model.init_from
     ref_cache: str | None = None  # None = $LFM2_TRAIN_CACHE/ref_logps/<key> (content-addressed)
     ref_cache_overwrite: bool = False  # an explicit ref_cache made from other inputs: recompute (else refuse)
@@ -393,6 +405,25 @@ class ChainStageConfig:
     eval_levels: list[int] | None = None  # task levels (lfm2_train/tasks/arithmetic.py LEVELS); None = the chain's
 
 
+# ---- stage: export ---------------------------------------------------------------------------------------
+@dataclass
+class ExportStageConfig:
+    """`stage=export`: a trained model directory as a Hugging Face directory or a llama.cpp GGUF file
+    (docs/DEPLOY.md). The output goes to `stage.output`, or `<output_dir>/model` (hf) /
+    `<output_dir>/model-<dtype>.gguf` (gguf); a summary to `<output_dir>/summary.json`.
+    dtypes: hf float32 | bfloat16 | float16; gguf f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0."""
+
+    name: str = "export"
+    source: str | None = None  # the model directory to export; None = model.init_from
+    format: str = "hf"  # hf | gguf
+    dtype: str | None = None  # weight / quantisation type (see above); None = as stored (hf), f16 (gguf)
+    output: str | None = None  # output path (a directory for hf, a file for gguf); None = under output_dir
+    check_transformers: bool = True  # hf: load the copy in transformers (when installed) and compare logits
+    tokenizer: str | None = None  # gguf: directory with tokenizer.json / tokenizer_config.json; None = source
+    pre_tokenizer: str | None = None  # gguf: llama.cpp's tokenizer.ggml.pre; None = detected (lfm2 | gpt-2)
+    model_name: str | None = None  # gguf: general.name; None = the source directory's name
+
+
 # ------------------------------------------------------------------------------------------------ root
 @dataclass
 class RootConfig:
@@ -438,6 +469,7 @@ def register_configs() -> None:
     # eval / search (issue 8)
     cs.store(group="stage", name="eval", node=EvalStageConfig)
     cs.store(group="stage", name="search", node=SearchStageConfig)
+    cs.store(group="stage", name="export", node=ExportStageConfig)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

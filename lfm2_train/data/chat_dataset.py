@@ -22,6 +22,7 @@ import numpy as np
 
 from ..tokenizer import LFM2Tokenizer
 from .chat import ChatFormatError, EncodedChat, encode_conversation
+from .jsonl_check import check_jsonl, jsonl_files
 
 DIFFICULTY_FORMAT = "lfm2_train.sft_difficulty/1"
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -86,6 +87,8 @@ def load_chat_rows(path: str | Path | None, *, split: str = "train", bundled_n: 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"chat dataset {p} does not exist")
+    for f in jsonl_files(p):  # name the file and line of a broken row (datasets' own errors name neither)
+        check_jsonl(f, what="chat dataset")
     if p.is_dir() and (p / "dataset_info.json").is_file() and (p / "state.json").is_file():
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):

@@ -159,6 +159,14 @@ def check_compatible(manifest: Manifest, *, tokenizer_fingerprint: str | None, v
         raise DataFormatError(
             f"{source} has token ids up to vocab size {manifest.vocab_size} but the model embeds only {vocab_size}"
         )
+    # A model vocabulary a little larger than the tokenizer's is padding; one far larger means the data was
+    # tokenized for another model (a 65,536-row embedding trained on a 512-token tokenizer's ids).
+    if vocab_size is not None and vocab_size > 2 * manifest.vocab_size:
+        raise DataFormatError(
+            f"{source} was tokenized with a {manifest.vocab_size}-token vocabulary but the model has {vocab_size}: "
+            f"tokenize the data with the model's tokenizer (data_pipelines.tokenize tokenizer=<dir>), or give the "
+            f"model the tokenizer's vocabulary (model.overrides={{vocab_size: {manifest.vocab_size}}})"
+        )
 
 
 def write_array_atomic(path: str | Path, array: np.ndarray) -> None:

@@ -201,7 +201,7 @@ def load_preference_pairs(path: str | Path, tokenizer: LFM2Tokenizer, *, max_len
                           plain_text: str = "chat", cache_dir: str | None = None) -> PreferencePairs:
     """Load and tokenise a `datasets`-loadable pair file or directory."""
     if path is None:
-        raise ValueError("preference data: set stage.data=<jsonl / parquet / dataset directory of pairs>")
+        raise ValueError("stage=preference needs stage.dataset=<jsonl / parquet / dataset directory of pairs>")
     return encode_pairs(tokenizer, load_chat_rows(path, split=split, cache_dir=cache_dir), max_length=max_length,
                         plain_text=plain_text)
 

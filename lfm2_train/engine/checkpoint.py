@@ -4,10 +4,21 @@ A checkpoint is written into `.tmp-step-XXXXXXXX/`, every file is hashed into `c
 then is the directory renamed to `step-XXXXXXXX/` — so a directory with the final name is complete by
 construction, and a later corruption (a truncated file, a bad disk) is caught by the hashes: resume then
 falls back to the previous complete checkpoint and says so.
+
+Two rules keep work from being lost:
+- pruning never touches the checkpoint just written, nor anything newer than it: it only removes the
+  oldest checkpoints *below* the newest one of this run;
+- checkpoints that are not part of this run's history (corrupted ones resume skipped, the checkpoints of a
+  run restarted with `trainer.resume=never`, or those newer than an explicitly chosen resume point) are moved
+  into `set-aside/`, never deleted, so a later automatic resume cannot pick them up by mistake.
+
+Nothing in a checkpoint is unpickled: RNG state is stored as tensors and plain containers, and every `.pt`
+file is read with `torch.load(weights_only=True)`, which refuses arbitrary Python objects.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,22 +36,66 @@ from ..data.format import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 CHECKSUMS = "checksums.json"
+SET_ASIDE = "set-aside"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "unexpected pos")  # torch's zip writer says the last
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and what to do."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG the run uses, as tensors and plain containers only (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors(path: Path, map_location: str = "cpu") -> Any:
+    """`torch.load` restricted to tensors and plain containers: a crafted file cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (or RuntimeError on older versions) for foreign objects
+        raise CheckpointError(
+            f"{path} holds something other than tensors and plain containers ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); refusing to unpickle it. A checkpoint written by this "
+            f"framework never does: delete the checkpoint or resume from another one") from None
+
+
+def refuse_foreign_objects(path: Path, allowed: frozenset[str] = frozenset()) -> None:
+    """For files that a library loads with full unpickling (DeepSpeed's partitions): list the Python globals
+    the pickle would import — a static scan, nothing is executed — and refuse any outside `allowed`."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        found = set(get_unsafe_globals_in_checkpoint(path))
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    foreign = sorted(found - allowed)
+    if foreign:
+        raise CheckpointError(f"{path} would import {foreign[:5]} when unpickled; refusing to load it. A "
+                              f"checkpoint written by this framework never does: delete the checkpoint or resume "
+                              f"from another one")
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
@@ -48,10 +103,27 @@ def _hash_tree(root: Path) -> dict[str, str]:
             if p.is_file() and p.name != CHECKSUMS}
 
 
+def _disk_full(err: BaseException, where: Path) -> bool:
+    """Was `err` caused by a full disk? torch's writer loses the errno ("unexpected pos …"), so we also look
+    at the message and at the free space left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if any(text in str(seen).lower() for text in _DISK_FULL_TEXT[:2]):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return False
+    return _DISK_FULL_TEXT[2] in str(err).lower() and free < (1 << 20)
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2) -> None:
         self.root = Path(root)
-        self.keep_last = keep_last
+        self.keep_last = max(int(keep_last), 1)
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """Complete-by-name checkpoints, oldest first."""
@@ -61,26 +133,52 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """`write(tmp_dir)` fills the directory; we hash, rename into place and prune old ones."""
+        """`write(tmp_dir)` fills the directory; we hash, rename into place and prune old ones.
+
+        On failure the temporary directory is removed; a full disk is reported as such."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        write_json_atomic(tmp / CHECKSUMS, _hash_tree(tmp))
+        try:
+            tmp.mkdir()
+            write(tmp)
+            write_json_atomic(tmp / CHECKSUMS, _hash_tree(tmp))
+        except BaseException as err:
+            full = isinstance(err, Exception) and _disk_full(err, self.root)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise CheckpointError(f"No space left on device while writing checkpoint step {step} to "
+                                      f"{self.root}; the partial checkpoint was removed. Free space (or lower "
+                                      f"trainer.keep_last) and re-run to resume from the previous one") from err
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        self._prune()
+        self.prune(newest=step)
         return final
 
-    def _prune(self) -> None:
-        dirs = self.step_dirs()
-        for _, path in dirs[: max(len(dirs) - self.keep_last, 0)]:
+    def prune(self, newest: int) -> None:
+        """Keep `newest` and the `keep_last - 1` checkpoints just below it; never touch anything newer."""
+        older = [(s, p) for s, p in self.step_dirs() if s < newest]
+        for _, path in older[: max(len(older) - (self.keep_last - 1), 0)]:
             shutil.rmtree(path, ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Move a checkpoint out of the resume path without deleting it; returns where it went."""
+        target_dir = self.root / SET_ASIDE
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target, n = target_dir / path.name, 1
+        while target.exists():
+            n += 1
+            target = target_dir / f"{path.name}.{n}"
+        os.replace(path, target)
+        msg = f"checkpoint {path.name} {reason}: moved to {target}"
+        log.warning(msg)
+        print(f"WARNING: {msg}")
+        return target
 
     @staticmethod
     def verify(path: Path) -> str | None:
@@ -110,3 +208,7 @@ class CheckpointManager:
             log.warning(msg)
             print(f"WARNING: {msg}")
         return None
+
+    def retire_after(self, step: int, reason: str) -> list[Path]:
+        """Set aside every checkpoint newer than `step` (not part of the run that continues from `step`)."""
+        return [self.set_aside(path, reason) for s, path in self.step_dirs() if s > step]

@@ -32,10 +32,19 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ..model import LFM2ForCausalLM
+from .checkpoint import refuse_foreign_objects
 from .distributed import Runtime, apply_activation_checkpointing
 from .optim import build_optimizer, set_lr
 
 CHECKPOINT_TAG = "deepspeed"  # sub-directory of a trainer checkpoint holding DeepSpeed's per-rank shards
+# The classes DeepSpeed's own ZeRO-1/2/3 files pickle (listed by torch.serialization.get_unsafe_globals_in_checkpoint
+# on real checkpoints); anything else in a partition file is refused before DeepSpeed unpickles it.
+DEEPSPEED_PICKLED_TYPES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
 ZERO_STAGES = (1, 2, 3)
 # Keys of the generated config that the trainer's exactness depends on: `distributed.deepspeed_config`
 # may not override them (each has its own knob in our config, named in the error).
@@ -298,6 +307,9 @@ class DeepSpeedBackend:
             raise ValueError(f"{directory} holds DeepSpeed optimizer partitions for {shards} ranks; this run has "
                              f"{self.runtime.world_size}. Resume with {shards} processes, or start a new run from "
                              f"its weights with model.init_from={directory / 'model'}")
+        # DeepSpeed unpickles its files in full; first make sure they hold nothing but DeepSpeed's own state.
+        for part in sorted((directory / CHECKPOINT_TAG).glob("*.pt")):
+            refuse_foreign_objects(part, DEEPSPEED_PICKLED_TYPES)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch.load(weights_only) notices
             path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_module_strict=True,

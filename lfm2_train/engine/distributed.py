@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model import LFM2ForCausalLM
+from .checkpoint import load_tensors
 from .optim import build_optimizer, set_lr
 
 BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
@@ -183,7 +184,7 @@ class TorchBackend:
 
     def load(self, directory: Path, load_weights: Any) -> None:
         state = load_weights(directory / "model")
-        optim = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False)
+        optim = load_tensors(directory / "optimizer.pt")
         if self.trainable_only and set(state) != self._trainable_names():
             raise ValueError(f"checkpoint {directory} holds other trainable tensors than this model's adapters "
                              f"(missing {sorted(self._trainable_names() - set(state))[:4]}, unexpected "

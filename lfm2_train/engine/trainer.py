@@ -22,11 +22,14 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..artifacts import replace_dir, temp_sibling, write_model_manifest
+from ..data.format import write_json_atomic
+from ..exit_codes import EXIT_INTERRUPTED
 from ..model import LFM2ForCausalLM
 from ..model.hf_io import read_state_dict, write_checkpoint
 from ..model.lora import LoRAConfig
 from ..model.peft_io import read_adapter_state, save_adapter
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, load_tensors, rng_state, set_rng_state
 from .distributed import Runtime, make_backend
 from .observe import MetricsLogger, plot_losses
 from .optim import LRSchedule
@@ -36,6 +39,15 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple]
 
 
 SMALL_MODEL = 20_000_000  # parameters; below this, CPU training uses one intra-op thread unless `threads` is set
+
+
+def cpu_bf16_support() -> bool | None:
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX); None where we cannot tell."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class BatchSource(Protocol):
@@ -75,6 +87,10 @@ class Trainer:
         t = cfg.trainer
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"trainer.precision={t.precision!r}; choose fp32 or bf16")
+        if t.precision == "bf16" and self.runtime.device.type == "cpu" and cpu_bf16_support() is False:
+            warnings.warn("trainer.precision=bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): every "
+                          "bf16 matmul is emulated and can be many times slower than fp32; use "
+                          "trainer.precision=fp32 on this machine", stacklevel=2)
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
         if job.lora is None and (OmegaConf.select(cfg, "model.lora.r", default=0)
@@ -91,6 +107,10 @@ class Trainer:
         self.step = 0
         self.nan_skips = 0
         self.tokens_seen = 0
+        # The latest logged train / validation metrics, kept in checkpoints so that re-running a finished
+        # stage reports the same summary as the run that finished it.
+        self.last_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
         self._stop_signal: int | None = None
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -130,7 +150,8 @@ class Trainer:
             if self.runtime.is_main:
                 torch.save(rng_state(), tmp / "rng.pt")
                 state = {"step": self.step, "nan_skips": self.nan_skips, "tokens_seen": self.tokens_seen,
-                         "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size}
+                         "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size,
+                         "last_metrics": self.last_metrics, "val_metrics": self.val_metrics}
                 (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
                 (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
 
@@ -143,24 +164,46 @@ class Trainer:
         self.runtime.barrier()
         return path
 
-    def maybe_resume(self) -> Path | None:
+    def _choose_resume_point(self) -> Path | None:
+        """Rank 0 picks the checkpoint to continue from and sets aside the ones that are not in that run's
+        past, so a later automatic resume can never pick them (see engine/checkpoint.py)."""
         mode = self.cfg.trainer.resume
+        existing = self.ckpt.step_dirs()
         if mode == "never":
+            if existing:
+                print(f"trainer.resume=never: {len(existing)} checkpoint(s) of an earlier run in {self.ckpt.root} "
+                      f"are moved to {self.ckpt.root / 'set-aside'}; starting from step 0")
+            self.ckpt.retire_after(-1, "belongs to an earlier run (trainer.resume=never)")
             return None
-        path = Path(mode) if mode != "auto" else self.ckpt.latest_valid()
-        if mode != "auto":
-            problem = CheckpointManager.verify(path) if path.is_dir() else "does not exist"
-            if problem:
-                raise FileNotFoundError(f"trainer.resume={mode}: checkpoint {problem}")
-        path = self.runtime.broadcast_object(str(path) if path else None)
+        if mode == "auto":
+            path = self.ckpt.latest_valid()
+            kept = int(path.name.split("-")[1]) if path is not None else -1
+            self.ckpt.retire_after(kept, "failed verification")
+            if path is None and existing:
+                print(f"WARNING: no valid checkpoint among the {len(existing)} in {self.ckpt.root}; "
+                      f"starting from step 0")
+            return path
+        path = Path(mode)
+        problem = CheckpointManager.verify(path) if path.is_dir() else "does not exist"
+        if problem:
+            raise FileNotFoundError(f"trainer.resume={mode}: checkpoint {problem}")
+        if path.resolve().parent == self.ckpt.root.resolve():
+            self.ckpt.retire_after(int(path.name.split("-")[1]), f"is newer than trainer.resume={mode}")
+        return path
+
+    def maybe_resume(self) -> Path | None:
+        chosen = self._choose_resume_point() if self.runtime.is_main else None
+        path = self.runtime.broadcast_object(str(chosen) if chosen else None)
         if path is None:
             return None
         path = Path(path)
         self.backend.load(path, self._load_weights)
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.nan_skips, self.tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
+        self.last_metrics = state.get("last_metrics") or {}
+        self.val_metrics = state.get("val_metrics") or {}
         self.job.train.load_state(state["data"])
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        set_rng_state(load_tensors(path / "rng.pt"))
         if self.runtime.is_main:
             print(f"Resumed from {path} at step {self.step}")
         return path
@@ -260,8 +303,6 @@ class Trainer:
                                enabled=self.runtime.is_main, run_config=run_config)
         previous_handlers = self._install_signals()
         status = "finished"
-        last: dict[str, float] = {}
-        val: dict[str, float] = {}
         started = time.perf_counter()
         self.backend.model.train()
         try:
@@ -271,12 +312,14 @@ class Trainer:
                 self.step += 1
                 if metrics is not None:
                     metrics["tok/s"] = metrics["tokens"] / max(time.perf_counter() - tick, 1e-9)
-                    last = metrics
-                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    self.last_metrics = metrics
+                    # Step 1 always: at real size a step takes minutes, and the first line says the run is alive.
+                    if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
                         logger.log(self.step, metrics)
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val = self.evaluate()
                     if val:
+                        self.val_metrics = val
                         logger.log(self.step, val)
                 logger.advance()
                 # Ranks may receive SIGTERM at different step boundaries: agree (any rank stopped -> all stop)
@@ -290,7 +333,8 @@ class Trainer:
                     if self.runtime.is_main:
                         why = f"signal {self._stop_signal}" if self._stop_signal else "trainer.stop_after_steps"
                         print(f"\nStopped at step {self.step} ({why}); checkpoint written. Re-run with "
-                              f"trainer.resume=auto and the same output_dir to continue.")
+                              f"trainer.resume=auto and the same output_dir to continue (exit code "
+                              f"{EXIT_INTERRUPTED}).")
                     break
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save_checkpoint()
@@ -299,31 +343,45 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
 
+        # A re-run of a finished stage trains nothing; its summary still reports the run that finished it.
         summary: dict[str, Any] = {"status": status, "steps": self.step, "start_step": start_step,
                                    "seconds": round(time.perf_counter() - started, 2), "tokens": self.tokens_seen,
-                                   "loss": last.get("loss"), **val}
+                                   "loss": self.last_metrics.get("loss"), **self.val_metrics}
         if status == "finished":
-            self.save_checkpoint()
+            if start_step < self.step:  # else the checkpoint we resumed from is this one
+                self.save_checkpoint()
             summary["final"] = str(self.export_final())
             if self.runtime.is_main and self.cfg.logger.plot:
-                png = plot_losses(logger.jsonl_path, self.out_dir / "loss_curve.png", title=self.cfg.stage.name)
-                summary["loss_curve"] = str(png) if png else None
+                summary["loss_curve"] = _plot_or_warn(logger.jsonl_path, self.out_dir / "loss_curve.png",
+                                                      self.cfg.stage.name)
         if self.runtime.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.out_dir / "summary.json", summary)
         return summary
 
     def export_final(self) -> Path:
         """The stage's output: a Hugging Face directory (a PEFT adapter directory under LoRA) plus a manifest
-        of what went in."""
+        of what went in, put in place whole (temporary directory + rename), so a kill during the export never
+        leaves a partial `final/`."""
         final = self.out_dir / "final"
         state = self.backend.full_model_state()
         if self.runtime.is_main:
-            self._export(state, final)
-            manifest = {"stage": self.cfg.stage.name, "steps": self.step, "tokens_seen": self.tokens_seen,
-                        "inputs": self.job.inputs}
-            (final / "lfm2_train_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            tmp = temp_sibling(final)
+            self._export(state, tmp)
+            write_model_manifest(tmp, {"stage": self.cfg.stage.name, "steps": self.step,
+                                       "tokens_seen": self.tokens_seen, "inputs": self.job.inputs})
+            replace_dir(tmp, final)
         self.runtime.barrier()
         return final
+
+
+def _plot_or_warn(metrics_path: Path, png: Path, title: str) -> str | None:
+    """The loss curve is a convenience: whatever goes wrong with it, the finished stage stays finished."""
+    try:
+        out = plot_losses(metrics_path, png, title=title)
+    except Exception as err:  # noqa: BLE001 - a plot must never fail a stage
+        warnings.warn(f"loss curve not drawn ({type(err).__name__}: {err}); {metrics_path} is intact", stacklevel=2)
+        return None
+    return str(out) if out else None
 
 
 def _jsonable(state: Any) -> Any:

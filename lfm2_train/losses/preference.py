@@ -21,8 +21,12 @@ computed for the chosen (w) and rejected (l) response of each pair, with d = r_w
                keeps the chosen likelihood from falling with the rejected one
 
 `ln_dpo` / `ln_apo_zero` are dpo / apo_zero with length normalisation on (the report's objective); any
-term can turn it on with `length_normalize=true`. A loss is a weighted sum of terms. Everything returns
-per-pair values; callers sum over pairs and normalise by the number of pairs of the global batch.
+term can turn it on with `length_normalize=true`. TRL's other losses (robust, exo_pair, nca_pair, bco_pair,
+sppo_hard, aot, aot_unpaired, apo_down, discopop, and the names sigmoid / sigmoid_norm / sft for dpo /
+ln_dpo / nll), its f-divergence scores and LD-DPO's `ld_alpha` are in `preference_terms.py`; `PreferenceLoss`
+documents the two conventions that differ from TRL's under the same name and the `trl_compatible` preset.
+A loss is a weighted sum of terms. Everything returns per-pair values; callers sum over pairs and normalise
+by the number of pairs of the global batch.
 """
 
 from __future__ import annotations
@@ -36,56 +40,96 @@ import torch.nn.functional as F
 
 from ..data.packed import IGNORE_INDEX
 from .head import _acc_dtype, default_chunk_size
+from .preference_terms import (
+    ALIASES,
+    ALL_LOSSES,
+    ALWAYS_NORMALISED,
+    DPO_FAMILY,
+    F_DIVERGENCE_OK,
+    F_DIVERGENCES,
+    LOSSES,
+    REFERENCE_FREE,
+    SORTING,
+    TRL_LOSSES,
+    base_name,
+    f_divergence_scores,
+    ld_weighted,
+    term_loss,
+)
 
-LOSSES = ("dpo", "ln_dpo", "apo_zero", "ln_apo_zero", "ipo", "hinge", "simpo", "nll")
-_ALWAYS_NORMALISED = ("ln_dpo", "ln_apo_zero", "simpo")
-_REFERENCE_FREE = ("simpo", "nll")
+__all__ = ["ALIASES", "ALL_LOSSES", "CONVENTIONS", "LOSSES", "NLL_REDUCTIONS", "TRL_LOSSES", "LossTerm",
+           "PreferenceLoss", "pair_logps", "pair_logps_split", "rewards", "sequence_logps", "term_loss"]
+
+CONVENTIONS = ("native", "trl_compatible")
+NLL_REDUCTIONS = ("pair", "token")
 
 
 # ------------------------------------------------------------------------------------------ configuration
 @dataclass(frozen=True)
 class LossTerm:
-    """One term of the weighted sum. `length_normalize=None` takes the name's default (on for ln_* and simpo)."""
+    """One term of the weighted sum. `length_normalize=None` takes the name's default (on for ln_*, sigmoid_norm
+    and simpo; for ipo it is the conventions' choice: off natively, on under trl_compatible)."""
 
     name: str
     weight: float = 1.0
     length_normalize: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in LOSSES:
-            raise ValueError(f"preference loss {self.name!r} is unknown; choose from {LOSSES}")
-        if self.name in _ALWAYS_NORMALISED and self.length_normalize is False:
+        if self.name not in ALL_LOSSES:
+            raise ValueError(f"preference loss {self.name!r} is unknown; choose from {ALL_LOSSES}")
+        if self.base in ALWAYS_NORMALISED and self.length_normalize is False:
             raise ValueError(f"preference loss {self.name!r} is length-normalised by definition; "
                              "drop length_normalize=false or use the un-normalised variant")
 
     @property
+    def base(self) -> str:
+        """The loss this name computes (TRL's sigmoid / sigmoid_norm / sft are dpo / ln_dpo / nll)."""
+        return base_name(self.name)
+
+    @property
     def normalised(self) -> bool:
-        return bool(self.length_normalize) or self.name in _ALWAYS_NORMALISED
+        return bool(self.length_normalize) or self.base in ALWAYS_NORMALISED
 
     @property
     def uses_reference(self) -> bool:
-        return self.name not in _REFERENCE_FREE
+        return self.base not in REFERENCE_FREE
 
     @property
     def label(self) -> str:
         """Metric name: the loss name, with `ln_` added when normalisation was switched on explicitly."""
-        return f"ln_{self.name}" if self.normalised and not self.name.startswith("ln_") and self.name != "simpo" \
-            else self.name
+        implicit = self.name.startswith("ln_") or self.name in ("simpo", "sigmoid_norm")
+        return f"ln_{self.name}" if self.normalised and not implicit else self.name
 
     @property
     def reward_like(self) -> bool:
         """Whether this term's r is an implicit reward (nll's is a scaled log-likelihood)."""
-        return self.name != "nll"
+        return self.base != "nll"
 
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """beta (reward scale), label smoothing (dpo, simpo), margin (SimPO's target reward margin gamma)."""
+    """A weighted sum of preference terms and the parameters they share.
+
+    beta (reward scale), label_smoothing (cDPO for dpo / simpo; eps of robust, exo_pair, aot*), margin
+    (SimPO's gamma, TRL's `simpo_gamma`), and TRL's `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
+    `discopop_tau`. Two conventions differ between this project and TRL under the same name, and each is a
+    setting: IPO summed or token-averaged (the ipo term's `length_normalize`) and the NLL's reduction
+    (`nll_reduction`: `pair`, the mean over pairs of each chosen response's NLL, or `token`, the chosen tokens'
+    mean over the call's pairs). `conventions="trl_compatible"` picks TRL's side of every such choice left
+    unset, and makes the DPO losses ignore label_smoothing as TRL 1.16's `sigmoid` does, so that each TRL name
+    gives TRL's numbers; "native" (the default) keeps this project's.
+    """
 
     terms: tuple[LossTerm, ...] = (LossTerm("ln_dpo"),)
     beta: float = 5.0
     label_smoothing: float = 0.0
     margin: float = 0.0
+    conventions: str = "native"
+    nll_reduction: str | None = None  # None = the conventions' choice (native: pair, trl_compatible: token)
+    ld_alpha: float | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
 
     def __post_init__(self) -> None:
         if not self.terms:
@@ -94,43 +138,106 @@ class PreferenceLoss:
             raise ValueError(f"stage.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"stage.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.conventions not in CONVENTIONS:
+            raise ValueError(f"stage.conventions={self.conventions!r}; choose from {CONVENTIONS}")
+        trl = self.conventions == "trl_compatible"
+        reduction = self.nll_reduction or ("token" if trl else "pair")
+        if reduction not in NLL_REDUCTIONS:
+            raise ValueError(f"stage.nll_reduction={self.nll_reduction!r}; choose from {NLL_REDUCTIONS} (or null)")
+        object.__setattr__(self, "nll_reduction", reduction)
+        if trl:  # TRL's IPO is token-averaged; an explicit length_normalize still wins
+            object.__setattr__(self, "terms", tuple(
+                LossTerm(t.name, t.weight, True) if t.base == "ipo" and t.length_normalize is None else t
+                for t in self.terms))
+        for t in self.terms:
+            if t.base == "nll" and reduction == "token" and t.length_normalize:
+                raise ValueError(f"{t.name} with nll_reduction=token is already a per-token mean; drop "
+                                 "length_normalize=true or set stage.nll_reduction=pair")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"stage.ld_alpha must be in [0, 1] (or null), got {self.ld_alpha}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"stage.f_divergence_type={self.f_divergence_type!r}; choose from {F_DIVERGENCES}")
+        if self.f_divergence_type != "reverse_kl":
+            bad = [t.name for t in self.terms if t.base not in F_DIVERGENCE_OK]
+            if bad:
+                raise ValueError(f"f_divergence_type={self.f_divergence_type!r} only applies to losses of the "
+                                 f"chosen-rejected reward difference; {bad} have no f-divergence form")
+        if self.discopop_tau <= 0:
+            raise ValueError(f"stage.discopop_tau must be > 0, got {self.discopop_tau}")
+        if any(t.base == "exo_pair" for t in self.terms) and self.label_smoothing == 0.0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
 
     @classmethod
     def from_config(cls, terms: Iterable[Mapping[str, Any]], beta: float, label_smoothing: float = 0.0,
-                    margin: float = 0.0) -> PreferenceLoss:
+                    margin: float = 0.0, **options: Any) -> PreferenceLoss:
+        """`options`: conventions, nll_reduction, ld_alpha, f_divergence_type, f_alpha_divergence_coef,
+        discopop_tau (None leaves a field at its default)."""
         parsed = []
         for i, term in enumerate(terms):
             unknown = set(term) - {"name", "weight", "length_normalize"}
             if unknown or "name" not in term:
                 raise ValueError(f"stage.losses[{i}] = {dict(term)}: expected keys name, weight, length_normalize")
             parsed.append(LossTerm(str(term["name"]), float(term.get("weight", 1.0)), term.get("length_normalize")))
-        return cls(tuple(parsed), float(beta), float(label_smoothing), float(margin))
+        known = {"conventions", "nll_reduction", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
+                 "discopop_tau"}
+        if set(options) - known:
+            raise TypeError(f"unknown preference loss options {sorted(set(options) - known)}")
+        kept = {k: v for k, v in options.items() if v is not None}
+        return cls(tuple(parsed), float(beta), float(label_smoothing), float(margin), **kept)
 
     @property
     def needs_reference(self) -> bool:
         return any(t.uses_reference for t in self.terms)
 
-    def __call__(self, policy: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor
+    def __call__(self, policy: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor,
+                 policy_tail: torch.Tensor | None = None, reference_tail: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """policy / reference summed completion log-probs (B, 2) [chosen, rejected]; lengths (B, 2) tokens.
+        """policy / reference summed completion log-probs (B, 2) [chosen, rejected]; lengths (B, 2) tokens;
+        with `ld_alpha`, policy_tail / reference_tail (B, 2): the summed log-probs of the tokens past the
+        shorter response's length (`pair_logps_split`).
 
         -> (per-pair loss (B,), {metric: sum over pairs}). Reward metrics use the first reward term's reward.
+        The sorting losses (aot, aot_unpaired) and nll_reduction=token couple the pairs of one call: pass a
+        whole micro-batch, as TRL does with its per-device batch.
         """
         if self.needs_reference and reference is None:
-            raise ValueError("these preference losses need reference log-probs (only simpo and nll are reference-free)")
+            raise ValueError("these preference losses need reference log-probs (only simpo and nll / sft are "
+                             "reference-free)")
         if policy.shape != lengths.shape or policy.dim() != 2 or policy.shape[1] != 2:
             raise ValueError(f"policy log-probs {tuple(policy.shape)} and lengths {tuple(lengths.shape)} must both "
                              "be (pairs, 2)")
         if bool((lengths <= 0).any()):
             raise ValueError("every chosen and rejected response needs at least one completion token")
+        raw_policy = policy
+        if self.ld_alpha is not None:
+            if policy_tail is None or (reference is not None and reference_tail is None):
+                raise ValueError("ld_alpha needs the tail log-probs past the shared length (pair_logps_split)")
+            policy = ld_weighted(policy, policy_tail, self.ld_alpha)
+            if reference is not None:
+                reference = ld_weighted(reference, reference_tail, self.ld_alpha)
         total = torch.zeros(policy.shape[0], dtype=policy.dtype, device=policy.device)
         metrics: dict[str, torch.Tensor] = {}
         first_rewards = None
+        trl = self.conventions == "trl_compatible"
         for term in self.terms:
-            r = rewards(term, policy, reference, lengths, self.beta)  # (B, 2)
+            if term.base == "nll":  # the raw log-probs: TRL's sft ignores ld_alpha and the f-divergence
+                r = rewards(term, raw_policy, None, lengths, self.beta)
+                if self.nll_reduction == "token":
+                    value = -raw_policy[:, 0] * (policy.shape[0] / lengths[:, 0].sum().to(policy.dtype))
+                else:
+                    value = term_loss(term.name, r, self.beta)
+            else:
+                r = rewards(term, policy, reference, lengths, self.beta, self.f_divergence_type,
+                            self.f_alpha_divergence_coef)  # (B, 2)
+                eps = 0.0 if trl and term.base in DPO_FAMILY else self.label_smoothing
+                sides = {}
+                if term.base in SORTING:
+                    scale = self.beta / lengths.to(policy.dtype) if term.normalised else self.beta
+                    sides = {"policy": policy * scale, "reference": reference * scale}
+                value = term_loss(term.name, r, self.beta, eps, self.margin, discopop_tau=self.discopop_tau,
+                                  **sides)  # (B,)
             if first_rewards is None and term.reward_like:
                 first_rewards = r
-            value = term_loss(term.name, r, self.beta, self.label_smoothing, self.margin)  # (B,)
             total = total + term.weight * value
             key = f"loss_{term.label}"
             metrics[key] = metrics.get(key, 0.0) + value.detach().sum()
@@ -142,33 +249,17 @@ class PreferenceLoss:
 
 # ------------------------------------------------------------------------------------------ the losses
 def rewards(term: LossTerm, policy: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor,
-            beta: float) -> torch.Tensor:
-    """Implicit rewards (B, 2) of one term: beta * log-ratio (or log-prob for simpo), / |y| when normalised."""
-    u = policy - reference if term.uses_reference else policy
+            beta: float, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5
+            ) -> torch.Tensor:
+    """Implicit rewards (B, 2) of one term: beta * the f-divergence score of the log-ratio (the log-prob for
+    reference-free terms), / |y| when normalised (TRL normalises the score, after f', the same way)."""
+    if term.uses_reference:
+        u = f_divergence_scores(policy - reference, f_divergence_type, f_alpha_divergence_coef)
+    else:
+        u = policy
     if term.normalised:
         u = u / lengths.to(u.dtype)
     return beta * u
-
-
-def term_loss(name: str, r: torch.Tensor, beta: float, label_smoothing: float = 0.0, margin: float = 0.0
-              ) -> torch.Tensor:
-    """Per-pair loss (B,) of one named loss on rewards r (B, 2) = [r_w, r_l]."""
-    d = r[:, 0] - r[:, 1]
-    eps = label_smoothing
-    if name in ("dpo", "ln_dpo"):
-        return -(1 - eps) * F.logsigmoid(d) - eps * F.logsigmoid(-d)
-    if name in ("apo_zero", "ln_apo_zero"):
-        return 1 - torch.sigmoid(r[:, 0]) + torch.sigmoid(r[:, 1])
-    if name == "ipo":
-        return (d / beta - 1 / (2 * beta)) ** 2
-    if name == "hinge":
-        return torch.relu(1 - d)
-    if name == "simpo":
-        z = d - margin
-        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    if name == "nll":
-        return -r[:, 0] / beta
-    raise ValueError(f"preference loss {name!r} is unknown; choose from {LOSSES}")
 
 
 # ------------------------------------------------------------------------------------------ log-probs
@@ -221,6 +312,25 @@ def sequence_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: tor
                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (R, T, d), head (V, d), targets (R, T) (the next token, IGNORE_INDEX off the completion)
     -> (summed log-probs (R,) in fp32 or wider, completion lengths (R,)). Differentiable in hidden and head."""
+    sums, lengths = _bucketed_logps(hidden, head_weight, targets, chunk_size)
+    return sums, lengths
+
+
+def sequence_logps_split(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                         shared: torch.Tensor, chunk_size: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `sequence_logps`, plus each row's tail: the summed log-probs of its completion tokens after the
+    first `shared[row]` (R,) ones (LD-DPO's verbose part) -> (sums (R,), lengths (R,), tails (R,))."""
+    sums, lengths = _bucketed_logps(hidden, head_weight, targets, chunk_size, shared)
+    R = targets.shape[0]
+    return sums[:R] + sums[R:], lengths, sums[R:]
+
+
+def _bucketed_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                    chunk_size: int | None, shared: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of completion log-probs; with `shared`, rows R..2R-1 hold the tokens past `shared[row]`
+    and rows 0..R-1 the first `shared[row]` (one pass over the head either way)."""
     if hidden.shape[:2] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree")
     R, T = targets.shape
@@ -229,11 +339,17 @@ def sequence_logps(hidden: torch.Tensor, head_weight: torch.Tensor, targets: tor
     h = hidden.reshape(R * T, -1).index_select(0, keep)  # (n, d)
     tgt = flat.index_select(0, keep)
     rows = keep // T
-    chunk = chunk_size or default_chunk_size(head_weight.shape[0])
     lengths = (targets != IGNORE_INDEX).sum(1)
+    n_rows = R
+    if shared is not None:  # keep is row-major, so a token's place in its completion is its rank in the row
+        starts = torch.cumsum(lengths, 0) - lengths
+        place = torch.arange(keep.numel(), device=keep.device) - starts[rows]
+        rows = rows + R * (place >= shared.to(rows.device)[rows]).long()
+        n_rows = 2 * R
+    chunk = chunk_size or default_chunk_size(head_weight.shape[0])
     if torch.is_grad_enabled() and (h.requires_grad or head_weight.requires_grad):
-        return _SequenceLogps.apply(h, head_weight, tgt, rows, R, chunk), lengths
-    return _SequenceLogps.forward(_NoCtx(), h, head_weight, tgt, rows, R, chunk), lengths
+        return _SequenceLogps.apply(h, head_weight, tgt, rows, n_rows, chunk), lengths
+    return _SequenceLogps.forward(_NoCtx(), h, head_weight, tgt, rows, n_rows, chunk), lengths
 
 
 class _NoCtx:
@@ -255,3 +371,20 @@ def pair_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], chunk_
 
     logps, lengths = model(ids.reshape(B * two, T), doc_ids=batch["doc_ids"].reshape(B * two, T), head_fn=head)
     return logps.view(B, two), lengths.view(B, two)
+
+
+def pair_logps_split(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], chunk_size: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pair_logps` plus the tails LD-DPO reweights: -> (sums (B, 2), lengths (B, 2), tails (B, 2)), a tail
+    being the summed log-probs of a response's tokens past the shorter response's length (0 for the shorter)."""
+    ids = batch["input_ids"]
+    B, two, T = ids.shape
+    targets = batch["targets"].reshape(B * two, T)
+    shared = (targets != IGNORE_INDEX).sum(1).view(B, two).min(1).values.repeat_interleave(two)
+
+    def head(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return sequence_logps_split(hidden, weight, targets, shared, chunk_size)
+
+    logps, lengths, tails = model(ids.reshape(B * two, T), doc_ids=batch["doc_ids"].reshape(B * two, T),
+                                  head_fn=head)
+    return logps.view(B, two), lengths.view(B, two), tails.view(B, two)

@@ -63,6 +63,7 @@ from ..engine.distributed import Runtime
 from ..losses.head import default_chunk_size
 from ..tokenizer import LFM2Tokenizer
 from .common import resolve_dataset
+from .hints import needs
 
 JOB_VERSION = 1  # bump when a change to this stage changes the bytes it writes
 WORK_DIR = ".work"
@@ -384,7 +385,7 @@ def _finished_shard(out: Path, work: Path, name: str, tokens: int) -> CacheShard
 # ---------------------------------------------------------------------------------------------- the stage
 def _options(stage: DictConfig, runtime: Runtime) -> dict[str, Any]:
     if not stage.teacher:
-        raise ValueError("stage.teacher=<directory of the teacher checkpoint> is required")
+        raise ValueError(needs("cache_teacher", "stage.teacher=<directory of the teacher checkpoint>"))
     if stage.k <= 0:
         raise ValueError(f"stage.k must be positive, got {stage.k}")
     if stage.logprob_dtype not in LOGPROB_DTYPES:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from ..chain import ChainInterrupted, ChainRunner, load_chain
 from ..chain.report import format_table, write_report
 from ..chain.runner import model_dir_of, step_dirs
+from ..chain.spec import substitute
 
 
 def compose_stage(overrides: list[str]) -> DictConfig:
@@ -36,17 +37,36 @@ def _run_one(overrides: list[str]) -> dict[str, Any]:
     return run_stage(compose_stage(overrides))
 
 
-def make_evaluator(n: int, seed: int, levels: list[int] | None):
+LM_EVAL_SEQ_LEN = 256
+
+
+def make_evaluator(n: int, seed: int, levels: list[int] | None, lm_data: Path | None = None):
+    """Task accuracy (chat arithmetic) and, with `lm_data`, the LM loss on that dataset's held-out documents
+    (the split every stage holds out), so the table shows what fine-tuning did to the language model."""
     def evaluate(model_dir: Path) -> dict[str, Any]:
         from ..evaluation import arithmetic_accuracy
+        from ..evaluation.perplexity import validation_loss
         from ..model.peft_io import load_model
         from ..tokenizer import LFM2Tokenizer
 
         model = load_model(model_dir).eval()  # a LoRA step's adapter directory is folded into its base
         tokenizer = LFM2Tokenizer.from_pretrained(model_dir)
-        return dict(arithmetic_accuracy(model, tokenizer, n=n, seed=seed, levels=levels))
+        metrics = dict(arithmetic_accuracy(model, tokenizer, n=n, seed=seed, levels=levels))
+        if lm_data is not None:
+            metrics["lm_loss"] = validation_loss(model, lm_data, seq_len=LM_EVAL_SEQ_LEN)["loss"]
+        return metrics
 
     return evaluate
+
+
+def metric_legend(n: int, seed: int, levels: list[int] | None, lm_data: str | None) -> str:
+    """Which problem set and which documents the table's metric columns measure (other tools' numbers for the
+    same model differ when their sets differ: merge selection and stage=eval draw their own problems)."""
+    where = f"levels {levels}" if levels is not None else "all levels"
+    text = f"task_acc: chat arithmetic, {n} problems ({where}, seed {seed}), greedy, exact answer."
+    if lm_data:
+        text += f" lm_loss: nats/token on the held-out documents of {lm_data} (seq {LM_EVAL_SEQ_LEN})."
+    return text
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -65,10 +85,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.stop_after_steps is not None:  # debug: the first training step stops there, as if killed
         cosmetic.append(f"trainer.stop_after_steps={cfg.trainer.stop_after_steps}")
     print(f"chain {spec.name} ({len(spec.steps)} steps) in {workdir}")
+    lm_data = Path(substitute(spec.eval_lm_data, step_dirs(spec, workdir))) if spec.eval_lm_data else None
     runner = ChainRunner(spec=spec, workdir=workdir, run_stage=_run_one,
-                         evaluate=make_evaluator(stage.eval_problems, stage.eval_seed, levels),
+                         evaluate=make_evaluator(stage.eval_problems, stage.eval_seed, levels, lm_data),
                          settings=settings, cosmetic=cosmetic,
-                         eval_key=json.dumps([stage.eval_problems, stage.eval_seed, levels]))
+                         eval_key=json.dumps([stage.eval_problems, stage.eval_seed, levels, spec.eval_lm_data,
+                                              LM_EVAL_SEQ_LEN]))
     started = time.perf_counter()
     try:
         records = runner.run()
@@ -78,8 +100,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     total = time.perf_counter() - started
     last = records[-1]
     output = model_dir_of(last.summary, step_dirs(spec, workdir)[last.name])
-    report = write_report(spec, workdir, records, total, output)
-    print(f"\n{format_table(records)}\n\nchain {spec.name}: {total:.0f} s; report {report}"
+    legend = metric_legend(stage.eval_problems, stage.eval_seed, levels,
+                           str(lm_data.relative_to(workdir)) if lm_data and lm_data.is_relative_to(workdir) else
+                           (str(lm_data) if lm_data else None))
+    report = write_report(spec, workdir, records, total, output, legend)
+    print(f"\n{format_table(records)}\n{legend}\n\nchain {spec.name}: {total:.0f} s; report {report}"
           + (f"; model {output}" if output else ""))
     return {"status": "finished", "workdir": str(workdir), "report": str(report), "seconds": round(total, 1),
             "final": str(output) if output else None, "steps": [r.row() for r in records]}

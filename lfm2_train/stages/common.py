@@ -71,13 +71,21 @@ def setup_lora(model: LFM2ForCausalLM, model_cfg: DictConfig, device: Any, seed:
     return config
 
 
-def resolve_dataset(data_cfg: DictConfig, runtime: Any = None) -> tuple[Path, Path]:
+def model_tokenizer_dir(init_from: str | None) -> Path | None:
+    """The directory holding `model.init_from`'s own tokenizer, if it has one."""
+    if init_from and (Path(init_from) / "tokenizer.json").is_file():
+        return Path(init_from)
+    return None
+
+
+def resolve_dataset(data_cfg: DictConfig, runtime: Any = None, tokenizer: Path | None = None) -> tuple[Path, Path]:
     """(dataset dir, tokenizer dir) for a stage. `data.path=None` prepares the bundled corpus once
-    (cached under ~/.cache/lfm2_train, keyed by the job config) so the quick start needs no download."""
+    (cached under ~/.cache/lfm2_train, keyed by the job config) so the quick start needs no download —
+    tokenized with `tokenizer` (a model's own) when given, so that model can read it."""
     if data_cfg.path is None:
         from data_pipelines.bundled import prepare_bundled_dataset
 
-        return prepare_bundled_dataset(runtime)
+        return prepare_bundled_dataset(runtime, tokenizer)
     path = Path(data_cfg.path)
     if not path.is_dir():
         raise FileNotFoundError(f"data.path={path} does not exist")

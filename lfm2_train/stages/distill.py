@@ -20,6 +20,7 @@ from ..data.teacher_cache import TeacherCache
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer
 from ..losses import KDParams, ce_kd_chunk, fused_head_loss, lm_loss
+from .hints import needs
 from .pretrain import build_job
 
 
@@ -68,7 +69,7 @@ class DistillLoss:
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.stage
     if not stage.teacher_cache:
-        raise ValueError("stage=distill needs stage.teacher_cache=<directory written by stage=cache_teacher>")
+        raise ValueError(needs("distill", "stage.teacher_cache=<directory written by stage=cache_teacher>"))
     runtime = Runtime.from_env(cfg.distributed)
     job = build_job(cfg, runtime)
     dataset_dir = Path(job.inputs["dataset"])

@@ -27,7 +27,7 @@ from ..evaluation.tasks import (
     run_multiple_choice,
     run_perplexity,
 )
-from .common import build_model, resolve_dataset
+from .common import build_model, model_tokenizer_dir, resolve_dataset
 from .generate import DTYPES, load_tokenizer
 
 
@@ -62,7 +62,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for spec in specs:
         start = time.perf_counter()
         if isinstance(spec, PerplexitySpec):
-            dataset_dir = Path(spec.path) if spec.path else resolve_dataset(cfg.data)[0]
+            own = model_tokenizer_dir(cfg.model.init_from)  # the bundled corpus in the model's own tokens
+            dataset_dir = Path(spec.path) if spec.path else resolve_dataset(cfg.data, tokenizer=own)[0]
             check_compatible(load_manifest(dataset_dir), tokenizer_fingerprint=tokenizer.fingerprint(),
                              vocab_size=model.config.vocab_size, source=str(dataset_dir))
             done = [run_perplexity(spec, runner, dataset_dir, cfg.data)]

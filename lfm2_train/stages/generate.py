@@ -14,6 +14,7 @@ from ..inference import SamplingConfig, generate
 from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
 from .common import build_model
+from .hints import chain_command
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -43,6 +44,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"stage.dtype={stage.dtype!r}; choose one of {sorted(DTYPES)}")
     model = build_model(cfg.model).to(DTYPES[stage.dtype]).eval()
     tokenizer = load_tokenizer(stage, cfg.model.init_from, model)
+    if not cfg.model.init_from:
+        hint = chain_command("generate")
+        print(f"warning: model.init_from is not set: these are the random weights of the {cfg.model.preset!r} "
+              f"preset, so the text is noise" + (f". A trained model: {hint}" if hint else ""))
     if stage.chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in stage.prompts]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.packed import split_documents
-from ..data.preference import PairStream, PreferencePairs, collate_pairs, load_preference_pairs
+from ..data.preference import (
+    EncodedPair,
+    PairStream,
+    PreferencePairs,
+    collate_pairs,
+    load_preference_pairs,
+    pairs_hash,
+)
 from ..data.ref_logps import reference_logps
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer, TrainJob
-from ..losses.preference import PreferenceLoss, pair_logps
+from ..losses.preference import PreferenceLoss, pair_logps, pair_logps_split
 from ..model.lora import disable_adapters
 from .common import build_model, lora_enabled, setup_lora
 from .sft import resolve_tokenizer
@@ -43,9 +51,15 @@ class PairLoss:
         self.loss = loss
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        logps, lengths = pair_logps(model, batch)  # (B, 2) each
         ref = batch.get("ref_logps")
-        per_pair, metrics = self.loss(logps, ref.to(logps.dtype) if ref is not None else None, lengths)
+        if self.loss.ld_alpha is None:
+            logps, lengths = pair_logps(model, batch)  # (B, 2) each
+            tails = ref_tails = None
+        else:  # LD-DPO: ref_logps is (B, 2, 2) [total, tail] (`_ld_reference`)
+            logps, lengths, tails = pair_logps_split(model, batch)
+            ref, ref_tails = (ref[..., 0], ref[..., 1].to(logps.dtype)) if ref is not None else (None, None)
+        per_pair, metrics = self.loss(logps, ref.to(logps.dtype) if ref is not None else None, lengths, tails,
+                                      ref_tails)
         return per_pair.sum(), torch.tensor(per_pair.shape[0]), metrics
 
 
@@ -90,14 +104,38 @@ def _batches(pairs: PreferencePairs, index: np.ndarray, pad_id: int, ref: np.nda
     return out
 
 
+def _ld_reference(pairs: list[EncodedPair], totals: np.ndarray, stage: DictConfig, reference: str, tokenizer: Any,
+                  runtime: Runtime, model: torch.nn.Module | None = None,
+                  reference_variant: str | None = None) -> np.ndarray:
+    """LD-DPO's reference tails: (pairs, 2) totals -> (pairs, 2, 2) [total, tail past the shared length].
+
+    pi_ref is causal, so its log-probs of a response's first k tokens are those of the response cut to k
+    tokens: the shared part is one more cached pass over the pairs cut to the shorter response (its own
+    content-addressed cache, or `<stage.ref_cache>/ld_shared`), and the tail is total - shared.
+    """
+    cut = [replace(p, chosen=p.chosen[:k], rejected=p.rejected[:k])
+           for p in pairs for k in [min(len(p.chosen), len(p.rejected))]]
+    shared, info = reference_logps(
+        cut, data_hash=pairs_hash(cut), tokenizer_fingerprint=tokenizer.fingerprint(), reference=reference,
+        pad_id=tokenizer.pad_token_id, directory=f"{stage.ref_cache}/ld_shared" if stage.ref_cache else None,
+        overwrite=stage.ref_cache_overwrite, batch_pairs=stage.ref_batch_pairs, device=runtime.device,
+        is_main=runtime.is_main, barrier=runtime.barrier, model=model, reference_variant=reference_variant)
+    if runtime.is_main:
+        print(f"preference: reference log-probs of the shared parts (ld_alpha) {info['status']} ({info['directory']})")
+    return np.stack([totals, totals - shared], axis=-1)
+
+
 def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, list[dict[str, torch.Tensor]]]:
     """-> (the job, its loss, a few training batches for the final pair metrics)."""
     stage, data_cfg, t = cfg.stage, cfg.data, cfg.trainer
     if data_cfg.path is not None or data_cfg.order is not None:
         raise ValueError("stage=preference reads pairs from stage.dataset; data.path / data.order are for token "
                          "shards — unset them")
-    loss = PreferenceLoss.from_config(OmegaConf.to_container(stage.losses, resolve=True), stage.beta,
-                                      stage.label_smoothing, stage.margin)
+    loss = PreferenceLoss.from_config(
+        OmegaConf.to_container(stage.losses, resolve=True), stage.beta, stage.label_smoothing, stage.margin,
+        conventions=stage.conventions, nll_reduction=stage.nll_reduction, ld_alpha=stage.ld_alpha,
+        f_divergence_type=stage.f_divergence_type, f_alpha_divergence_coef=stage.f_alpha_divergence_coef,
+        discopop_tau=stage.discopop_tau)
     reference = stage.reference or cfg.model.init_from
     if loss.needs_reference and not reference:
         raise ValueError("stage=preference needs pi_ref: set model.init_from (the SFT checkpoint, also the "
@@ -120,16 +158,19 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
 
     ref_values, ref_info = None, {"status": "not needed (reference-free loss)"}
     if loss.needs_reference:
-        with disable_adapters(model) if base_as_reference else nullcontext():
+        ref_model = model if base_as_reference else None
+        variant = cfg.model.lora.quantize if ref_model is not None and cfg.model.lora.quantize != "none" else None
+        with disable_adapters(model) if ref_model is not None else nullcontext():
             ref_values, ref_info = reference_logps(
                 pairs.pairs, data_hash=data_hash, tokenizer_fingerprint=tokenizer.fingerprint(), reference=reference,
                 pad_id=tokenizer.pad_token_id, directory=stage.ref_cache, overwrite=stage.ref_cache_overwrite,
                 batch_pairs=stage.ref_batch_pairs, device=runtime.device, is_main=runtime.is_main,
-                barrier=runtime.barrier, model=model if base_as_reference else None,
-                reference_variant=cfg.model.lora.quantize if base_as_reference and cfg.model.lora.quantize != "none"
-                else None)
-        if runtime.is_main:
-            print(f"preference: reference log-probs {ref_info['status']} ({ref_info['directory']})")
+                barrier=runtime.barrier, model=ref_model, reference_variant=variant)
+            if runtime.is_main:
+                print(f"preference: reference log-probs {ref_info['status']} ({ref_info['directory']})")
+            if loss.ld_alpha is not None:
+                ref_values = _ld_reference(pairs.pairs, ref_values, stage, reference, tokenizer, runtime,
+                                           model=ref_model, reference_variant=variant)
 
     if model is None:
         model = build_model(cfg.model)
@@ -163,6 +204,9 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
         "losses": [{"name": term.name, "weight": term.weight, "length_normalize": term.normalised}
                    for term in loss.terms],
         "beta": loss.beta, "label_smoothing": loss.label_smoothing, "margin": loss.margin,
+        "conventions": loss.conventions, "nll_reduction": loss.nll_reduction, "ld_alpha": loss.ld_alpha,
+        "f_divergence_type": loss.f_divergence_type, "f_alpha_divergence_coef": loss.f_alpha_divergence_coef,
+        "discopop_tau": loss.discopop_tau,
         "lora": lora.to_peft_dict() if lora else None,
     }
     job = TrainJob(model=model, train=stream, loss_fn=pair_loss, val_batches=val_batches, tokenizer=tokenizer,

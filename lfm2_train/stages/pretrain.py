@@ -19,8 +19,10 @@ from ..data.packed import DocumentStream, split_documents
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
+from ..model import LFM2Config
 from ..tokenizer import LFM2Tokenizer
-from .common import build_model, resolve_dataset
+from .common import build_model, model_config, resolve_dataset
+from .hints import needs
 
 
 def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pacing: PacingConfig,
@@ -49,7 +51,7 @@ def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pac
 def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     data = cfg.data
     if cfg.stage.name == "midtrain" and not cfg.model.init_from:
-        raise ValueError("stage=midtrain continues a pre-training run: set model.init_from=<pretrain run>/final")
+        raise ValueError(needs("midtrain", "model.init_from=<pretrain run>/final (it continues a pre-training run)"))
     dataset_dir, tokenizer_dir = resolve_dataset(data, runtime)
     manifest = load_manifest(dataset_dir)
     if data.verify_hashes:
@@ -59,9 +61,12 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     if cfg.model.init_from and init_tok.is_file():  # the checkpoint's ids must mean what the dataset's ids mean
         check_compatible(manifest, tokenizer_fingerprint=LFM2Tokenizer.from_pretrained(init_tok.parent).fingerprint(),
                          vocab_size=None, source=f"{dataset_dir} (against model.init_from={cfg.model.init_from})")
-    model = build_model(cfg.model)
-    check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=model.config.vocab_size,
+    # Checked on the config, before a (possibly multi-GB) model is built.
+    vocab = (LFM2Config.from_json_file(Path(cfg.model.init_from) / "config.json") if cfg.model.init_from
+             else model_config(cfg.model)).vocab_size
+    check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=vocab,
                      source=str(dataset_dir))
+    model = build_model(cfg.model)
     if data.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")

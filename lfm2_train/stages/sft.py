@@ -23,15 +23,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.chat_dataset import ChatRows, EncodedRows, encode_rows, load_chat_rows, load_difficulty
+from ..data.format import ShardReader, check_compatible, load_manifest
+from ..data.mixed_stream import MixedStream
 from ..data.pacing import PacingConfig
-from ..data.packed import split_documents
+from ..data.packed import DocumentStream, split_documents
 from ..data.sft_stream import SFTStream, count_rows, positions_needed
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model, setup_lora
+from .common import build_model, model_tokenizer_dir, resolve_dataset, setup_lora
 from .pretrain import training_sequence
 
 CURRICULUM_SOURCES = ("none", "column", "file")
@@ -84,11 +86,12 @@ def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarr
 
 
 def example_sequence(encoded: EncodedRows, train: np.ndarray, order: np.ndarray | None, cfg: DictConfig,
-                     rows_per_step: int) -> tuple[np.ndarray, int]:
+                     rows_per_step: float) -> tuple[np.ndarray, int]:
     """(the examples the run reads, in order; the number of optimizer steps).
 
     With `stage.epochs` the sequence is that many passes and the steps are the full steps it packs into;
     otherwise `trainer.max_steps` decides and the passes repeat until the sequence is long enough.
+    `rows_per_step` counts chat rows only (fractional when pre-training rows are mixed in).
     """
     pacing = PacingConfig.from_dict(OmegaConf.to_container(cfg.data.pacing, resolve=True))
     seq_len, seed = cfg.data.seq_len, cfg.data.seed
@@ -103,14 +106,14 @@ def example_sequence(encoded: EncodedRows, train: np.ndarray, order: np.ndarray 
         if epochs <= 0:
             raise ValueError(f"stage.epochs={epochs} must be > 0 (or null to let trainer.max_steps decide)")
         seq, rows = build(max(1, math.ceil(epochs * len(train))))
-        steps = rows // rows_per_step
+        steps = int(rows // rows_per_step)
         if steps < 1:
             raise ValueError(f"stage.epochs={epochs} over {len(train)} training conversations packs into {rows} "
-                             f"rows, fewer than one step needs ({rows_per_step}); add data or epochs")
+                             f"rows, fewer than one step needs ({rows_per_step:g}); add data or epochs")
         return seq, steps
     steps = cfg.trainer.max_steps
-    need = steps * rows_per_step
-    n_samples = math.ceil(1.25 * need * seq_len / max(float(lengths[train].mean()), 1.0)) + rows_per_step
+    need = math.ceil(steps * rows_per_step)
+    n_samples = math.ceil(1.25 * need * seq_len / max(float(lengths[train].mean()), 1.0)) + math.ceil(rows_per_step)
     seq, rows = build(n_samples)
     while rows < need:
         n_samples *= 2
@@ -162,7 +165,8 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     n = len(encoded.examples)
     train, val = split_documents(n, data_cfg.val_fraction, data_cfg.val_max_documents, data_cfg.seed)
     rows_per_step = t.micro_batch_size * runtime.world_size * t.grad_accum
-    sequence, steps = example_sequence(encoded, train, order, cfg, rows_per_step)
+    # Epochs count passes over the chat data, so replayed pre-training rows add steps rather than remove chat.
+    sequence, steps = example_sequence(encoded, train, order, cfg, rows_per_step * (1 - stage.mix_pretrain))
     if steps != t.max_steps:
         if runtime.is_main:
             print(f"sft: stage.epochs={stage.epochs} -> trainer.max_steps={steps}")
@@ -181,8 +185,33 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         "val_conversations": int(len(val)), "epochs": stage.epochs, "curriculum": curriculum,
         "embedding_dropout": stage.embedding_dropout, "lora": lora.to_peft_dict() if lora else None,
     }
-    return TrainJob(model=model, train=SFTStream(encoded.examples, sequence, data_cfg.seq_len, tokenizer.pad_token_id),
-                    loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer, inputs=inputs, lora=lora)
+    train: Any = SFTStream(encoded.examples, sequence, data_cfg.seq_len, tokenizer.pad_token_id)
+    if stage.mix_pretrain > 0:
+        train = MixedStream(train, replay_stream(cfg, tokenizer, steps * rows_per_step, runtime, inputs),
+                            stage.mix_pretrain)
+    return TrainJob(model=model, train=train, loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer,
+                    inputs=inputs, lora=lora)
+
+
+def replay_stream(cfg: DictConfig, tokenizer: LFM2Tokenizer, total_rows: int, runtime: Runtime,
+                  inputs: dict[str, Any]) -> DocumentStream:
+    """Pre-training rows to mix in: the training split of `stage.mix_data` (its held-out documents stay
+    held out, so a held-out LM loss on that dataset measures what the mix preserved), seeded shuffle."""
+    stage, data_cfg = cfg.stage, cfg.data
+    mix_cfg = OmegaConf.create({"path": stage.mix_data, "tokenizer": None})
+    dataset_dir, _ = resolve_dataset(mix_cfg, runtime, tokenizer=model_tokenizer_dir(cfg.model.init_from))
+    manifest = load_manifest(dataset_dir)
+    check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=None,
+                     source=f"stage.mix_data={dataset_dir}")
+    reader = ShardReader(dataset_dir, manifest)
+    train_docs, _ = split_documents(len(reader), data_cfg.val_fraction, data_cfg.val_max_documents, data_cfg.seed)
+    rows = math.ceil(total_rows * stage.mix_pretrain) + 1
+    mean_len = float(reader.doc_lengths()[train_docs].mean())
+    n_docs = math.ceil(1.25 * rows * data_cfg.seq_len / mean_len) + 1
+    sequence = training_sequence(train_docs, None, PacingConfig(), n_docs, data_cfg.seed)
+    inputs["mix_pretrain"] = {"fraction": stage.mix_pretrain, "dataset": str(dataset_dir),
+                              "manifest_hash": manifest.hash()}
+    return DocumentStream(reader, sequence, data_cfg.seq_len)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

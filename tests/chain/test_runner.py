@@ -32,7 +32,8 @@ def _write(tmp_path: Path, text: str = CHAIN, name: str = "c.yaml") -> Path:
 
 
 class FakeStages:
-    """Records each call; writes a `final/config.json` like a real stage; can stop one step once."""
+    """Records each call; writes a `final/` model directory (config + weights) like a real stage; can stop one
+    step once."""
 
     def __init__(self, interrupt: str | None = None) -> None:
         self.calls: list[list[str]] = []
@@ -48,6 +49,7 @@ class FakeStages:
             return {"status": "interrupted", "steps": 1}
         (out / "final").mkdir(parents=True, exist_ok=True)
         (out / "final" / "config.json").write_text("{}")
+        (out / "final" / "model.safetensors").write_bytes(b"weights")
         return {"status": "finished", "steps": 3, "loss": 1.5, "final": str(out / "final")}
 
 
@@ -176,3 +178,14 @@ def test_a_data_job_killed_midway_is_redone_on_the_next_run(tmp_path, monkeypatc
     records = _runner(spec, tmp_path / "w", FakeStages()).run()
     assert [r.status for r in records] == ["done"] and len(calls) == 2
     assert calls[1]["overwrite"] is True  # whatever the killed run left is replaced, not trusted
+
+
+def test_the_table_says_which_problems_and_documents_its_metrics_measure():
+    from lfm2_train.chain.report import COLUMNS
+    from lfm2_train.stages.chain import metric_legend
+
+    assert COLUMNS[-2:] == ("task_acc", "lm_loss")
+    legend = metric_legend(128, 12345, [0, 1], "01-shards")
+    assert "128 problems (levels [0, 1], seed 12345)" in legend
+    assert "held-out documents of 01-shards" in legend
+    assert "lm_loss" not in metric_legend(8, 1, None, None)

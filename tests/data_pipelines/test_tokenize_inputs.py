@@ -138,7 +138,7 @@ def assert_nothing_written(out: Path) -> None:
 
 @pytest.mark.parametrize("case", ["missing", "glob", "corrupt_json", "corrupt_parquet", "empty_file",
                                   "no_rows_text", "missing_field", "int_field", "unknown_extension",
-                                  "one_bad_file"])
+                                  "one_bad_file", "invalid_utf8"])
 def test_bad_source_is_named_before_any_shard(tmp_path: Path, hf_cache: str, files: dict[str, Path],
                                               case: str) -> None:
     bad: dict[str, Any] = {"name": "broken", "weight": 1.0}
@@ -146,7 +146,8 @@ def test_bad_source_is_named_before_any_shard(tmp_path: Path, hf_cache: str, fil
         "missing": "does not exist", "glob": "no file matches", "corrupt_json": "cannot read",
         "corrupt_parquet": "cannot read", "empty_file": "empty source", "no_rows_text": "empty or null",
         "missing_field": "text field 'content' not found", "int_field": "not strings",
-        "unknown_extension": "cannot tell the format", "one_bad_file": r"cannot read \S*2\.jsonl",
+        "unknown_extension": "cannot tell the format", "one_bad_file": r"cannot read \S*2\.jsonl, line 2",
+        "invalid_utf8": r"cannot read \S*u\.jsonl, line 2: invalid UTF-8",
     }[case]
     if case == "missing":
         bad["path"] = str(tmp_path / "nope.jsonl")
@@ -167,6 +168,9 @@ def test_bad_source_is_named_before_any_shard(tmp_path: Path, hf_cache: str, fil
         bad["path"], bad["text_field"] = str(files["a"]), "content"
     elif case == "int_field":
         bad["path"] = str(write_jsonl(tmp_path / "i.jsonl", [{"text": 1}, {"text": 2}]))
+    elif case == "invalid_utf8":
+        (tmp_path / "u.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+        bad["path"] = str(tmp_path / "u.jsonl")
     elif case == "unknown_extension":
         (tmp_path / "data.csv").write_text("text\nhello\n")
         bad["path"] = str(tmp_path / "data.csv")

@@ -209,6 +209,7 @@ def test_slurm_sigterm_checkpoints_and_requeues_only_when_asked(tmp_path, requeu
     code, out, log = _slurm_run(tmp_path, signal.SIGTERM, FAKE_STATUS="interrupted", REQUEUE_ON_TERM=requeue_on_term)
     assert (tmp_path / "srun.signals").read_text().split() == ["TERM"], out
     assert ("requeue 4242" in log) == (requeue_on_term == "1")
+    assert code == (0 if requeue_on_term == "1" else 75), out  # not requeued: "interrupted, re-run to continue"
 
 
 @pytest.mark.slow

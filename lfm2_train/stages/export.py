@@ -1,0 +1,43 @@
+"""`stage=export`: a trained model directory as a Hugging Face directory or a llama.cpp GGUF file.
+
+`stage.format=hf` copies the directory (optionally re-cast to `stage.dtype`) and proves it loads, in our
+model and in `transformers`; `stage.format=gguf` writes one GGUF file with the tokenizer and chat template
+embedded (lfm2_train/export/gguf.py). Both write atomically; docs/DEPLOY.md has the whole path to llama.cpp.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ..export import export_gguf, export_hf, gguf_dtypes
+
+FORMATS = ("hf", "gguf")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    stage = cfg.stage
+    if stage.format not in FORMATS:
+        raise ValueError(f"stage.format={stage.format!r}; choose one of {FORMATS}")
+    source = stage.source or cfg.model.init_from
+    if not source:
+        raise ValueError("stage=export needs a model directory: stage.source=<dir> (or model.init_from=<dir>)")
+    out_dir = Path(cfg.output_dir)
+    if stage.format == "gguf":
+        dtype = stage.dtype or "f16"
+        if dtype not in gguf_dtypes():
+            raise ValueError(f"stage.dtype={dtype!r} for gguf; choose one of {gguf_dtypes()}")
+        target = Path(stage.output) if stage.output else out_dir / f"model-{dtype}.gguf"
+        summary = export_gguf(source, target, dtype, tokenizer=stage.tokenizer, pre_tokenizer=stage.pre_tokenizer,
+                              name=stage.model_name)
+    else:
+        target = Path(stage.output) if stage.output else out_dir / "model"
+        summary = export_hf(source, target, dtype=stage.dtype, check_transformers=stage.check_transformers)
+        summary["format"] = "hf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\nexport: {json.dumps(summary, default=str)}")
+    return summary
