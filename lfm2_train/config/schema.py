@@ -422,6 +422,9 @@ class ExportStageConfig:
     tokenizer: str | None = None  # gguf: directory with tokenizer.json / tokenizer_config.json; None = source
     pre_tokenizer: str | None = None  # gguf: llama.cpp's tokenizer.ggml.pre; None = detected (lfm2 | gpt-2)
     model_name: str | None = None  # gguf: general.name; None = the source directory's name
+    # a PEFT adapter directory folded into `source` first (a source that is itself an adapter directory is
+    # folded into the base it records without this)
+    merge_adapter: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ root

@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..export import export_gguf, export_hf, gguf_dtypes
+from ..merge.adapters import merge_adapter_into
+from ..model.peft_io import is_adapter_dir
 
 FORMATS = ("hf", "gguf")
 
@@ -26,6 +28,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not source:
         raise ValueError("stage=export needs a model directory: stage.source=<dir> (or model.init_from=<dir>)")
     out_dir = Path(cfg.output_dir)
+    if stage.merge_adapter or is_adapter_dir(source):  # LoRA: fold the adapter(s) into a full checkpoint first
+        base, adapter = (source, stage.merge_adapter) if stage.merge_adapter else (None, source)
+        source = str(merge_adapter_into(base, adapter, out_dir / "folded"))
     if stage.format == "gguf":
         dtype = stage.dtype or "f16"
         if dtype not in gguf_dtypes():

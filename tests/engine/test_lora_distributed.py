@@ -33,13 +33,15 @@ COMMON = ["stage=sft", "logger=disabled", "trainer.progress_bar=false", "data.se
           "model.lora.init_lora_weights=gaussian", "model.lora.target_modules=[q_proj,v_proj,in_proj,w1,w2,w3]"]
 
 
-def _launch(out: Path, overrides: list[str]) -> None:
+def _launch(out: Path, overrides: list[str], interrupted: bool = False) -> None:
+    """One 2-process launch; an interrupted run exits non-zero (torchrun reports its workers' exit code 75 as a
+    failure), so there the summary it wrote is what the caller checks."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                WANDB_MODE="disabled", OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lfm2_train",
            *overrides, f"output_dir={out}", f"hydra.run.dir={out}/hydra"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not interrupted:
         pytest.fail(f"{' '.join(overrides)} failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
 
 
@@ -81,7 +83,7 @@ def setup(tmp_path_factory):
 def test_ddp_lora_interrupted_and_resumed_matches_one_process(tmp_path, setup):
     overrides, single = setup
     run = [*overrides, "trainer.micro_batch_size=2", "distributed=ddp"]
-    _launch(tmp_path, [*run, "trainer.stop_after_steps=2"])
+    _launch(tmp_path, [*run, "trainer.stop_after_steps=2"], interrupted=True)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "interrupted"
     _launch(tmp_path, run)
     summary = json.loads((tmp_path / "summary.json").read_text())

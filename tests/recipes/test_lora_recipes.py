@@ -86,3 +86,4 @@ def test_lora_chain_runs_on_a_tiny_checkpoint(monkeypatch, tmp_path):
     assert read_adapter_config(pref / "final").base_model_name_or_path == str((sft / "final").resolve())
     model = LFM2ForCausalLM.from_pretrained(export / "model")
     assert model.config.vocab_size == 512 and (export / "model" / "tokenizer.json").is_file()
+    assert (export / "model-q8_0.gguf").is_file()

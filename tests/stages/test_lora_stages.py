@@ -181,3 +181,14 @@ def test_lora_on_a_stage_without_adapters_is_refused(tmp_path, tiny_dataset):
                           "trainer.max_steps=1"], "model.lora.r=4")
     with pytest.raises(ValueError, match="model.lora applies to stage=sft and stage=preference"):
         run_stage(cfg)
+
+
+def test_export_folds_an_adapter(tmp_path, base_dir):
+    """stage=export takes an adapter directory (folded into its recorded base) or stage.merge_adapter."""
+    sft = run_stage(_cfg(tmp_path / "sft", SFT, f"model.init_from={base_dir}", "trainer.max_steps=2"))
+    want = load_model(sft["final"]).state_dict()
+    for name, extra in (("a", [f"stage.source={sft['final']}"]),
+                        ("b", [f"stage.source={base_dir}", f"stage.merge_adapter={sft['final']}"])):
+        run_stage(_cfg(tmp_path / name, ["stage=export", "logger=disabled"], *extra))
+        got = LFM2ForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
