@@ -59,7 +59,17 @@ class Runtime:
             dist.init_process_group(backend=backend)
         return cls(rank=rank, world_size=world, local_rank=local, device=device)
 
+    def check_device(self, t: torch.Tensor, what: str = "collective") -> None:
+        """Bookkeeping collectives take tensors on `device` only: NCCL reduces CUDA tensors and nothing else,
+        so a CPU tensor here would fail the first step of a GPU run. Checked on every backend (gloo too), so
+        CPU runs catch what NCCL would refuse."""
+        if t.device != self.device:
+            raise ValueError(f"{what}: tensor on {t.device}, but this run's collectives reduce tensors on "
+                             f"{self.device} (keep bookkeeping tensors on runtime.device)")
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, out of place. `t` must be on `device` (see `check_device`)."""
+        self.check_device(t, "all_reduce_sum")
         if self.distributed:
             t = t.clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -135,12 +145,12 @@ class TorchBackend:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return float(norm)
+        return norm  # a device tensor: the trainer reads it with the step's other numbers, in one sync
 
     def step(self) -> None:
         self.optimizer.step()
