@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model import LFM2ForCausalLM
 from .checkpoint import load_tensors
+from .meta_init import is_deferred, materialise
 from .optim import build_optimizer, set_lr
 
 BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
@@ -108,7 +109,10 @@ class TorchBackend:
     def __init__(self, model: LFM2ForCausalLM, cfg: Any, runtime: Runtime) -> None:
         self.runtime = runtime
         self.kind = cfg.distributed.backend
-        self.raw = model.to(runtime.device)
+        deferred = is_deferred(model)
+        if deferred and self.kind != "fsdp2":
+            materialise(model, runtime.device)
+        self.raw = model if deferred else model.to(runtime.device)
         if cfg.trainer.activation_checkpointing:
             apply_activation_checkpointing(self.raw)
         if cfg.trainer.compile:
@@ -122,11 +126,17 @@ class TorchBackend:
             # summed by the trainer) — overwriting a rank's expert_load mid-accumulation would lose its counts.
             self.model: nn.Module = DistributedDataParallel(self.raw, device_ids=ids, broadcast_buffers=False)
         elif self.kind == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # bf16: parameters are cast to bf16 for the forward/backward (all-gathers move half the bytes),
+            # gradients are reduced in fp32 into the fp32 sharded master weights the optimizer steps on.
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if cfg.trainer.precision == "bf16" else MixedPrecisionPolicy()
             for layer in self.raw.model.layers:
-                fully_shard(layer)
-            self.model = fully_shard(self.raw)
+                fully_shard(layer, mp_policy=mp)
+            self.model = fully_shard(self.raw, mp_policy=mp)
+            if deferred:  # built on meta: only now, sharded, is storage allocated and initialised
+                materialise(self.raw, runtime.device)
         else:
             self.model = self.raw
         self.optimizer = build_optimizer(self.raw, cfg.optim)
@@ -197,6 +207,11 @@ class TorchBackend:
         else:
             self.raw.load_state_dict(state, strict=True)
             self.optimizer.load_state_dict(optim)
+
+
+def builds_on_meta(cfg: Any) -> bool:
+    """Whether stages should build the model on the meta device (the backend shards it, then initialises)."""
+    return cfg.distributed.backend == "fsdp2"
 
 
 def make_backend(model: LFM2ForCausalLM, cfg: Any, runtime: Runtime) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..model import LFM2Config, LFM2ForCausalLM, get_preset
+from ..model.hf_io import read_config
 
 
 def model_config(model_cfg: DictConfig) -> LFM2Config:
@@ -19,11 +20,23 @@ def model_config(model_cfg: DictConfig) -> LFM2Config:
     return LFM2Config.from_dict(base, source="model.overrides")
 
 
-def build_model(model_cfg: DictConfig) -> LFM2ForCausalLM:
-    """`model.init_from` (an HF LFM2 directory) if set, else a randomly initialised preset."""
+def build_model(model_cfg: DictConfig, meta: bool = False) -> LFM2ForCausalLM:
+    """`model.init_from` (an HF LFM2 directory) if set, else a randomly initialised preset.
+
+    `meta=True` (see `engine.distributed.builds_on_meta`): shapes only; the training backend shards the model
+    and then loads or initialises it shard by shard, with the same values as the eager build."""
+    if model_cfg.init_from and model_cfg.overrides:
+        raise ValueError("model.overrides cannot change the architecture of model.init_from; remove them")
+    if meta:
+        from ..engine.meta_init import build_on_meta
+
+        if not model_cfg.init_from:
+            return build_on_meta(model_config(model_cfg))
+        config = read_config(model_cfg.init_from)
+        if model_cfg.attn_implementation is not None:
+            config = config.replace(attn_implementation=model_cfg.attn_implementation)
+        return build_on_meta(config, init_from=model_cfg.init_from)
     if model_cfg.init_from:
-        if model_cfg.overrides:
-            raise ValueError("model.overrides cannot change the architecture of model.init_from; remove them")
         return LFM2ForCausalLM.from_pretrained(model_cfg.init_from, attn_implementation=model_cfg.attn_implementation)
     return LFM2ForCausalLM(model_config(model_cfg))
 

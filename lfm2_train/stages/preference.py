@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.packed import split_documents
 from ..data.preference import PairStream, PreferencePairs, collate_pairs, load_preference_pairs
 from ..data.ref_logps import reference_logps
-from ..engine.distributed import Runtime
+from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.trainer import Trainer, TrainJob
 from ..losses.preference import PreferenceLoss, pair_logps
 from .common import build_model
@@ -117,7 +117,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
         if runtime.is_main:
             print(f"preference: reference log-probs {ref_info['status']} ({ref_info['directory']})")
 
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, meta=builds_on_meta(cfg))
     if data_cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")

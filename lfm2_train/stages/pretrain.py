@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, load_order, verify_shards
 from ..data.pacing import PacingConfig, paced_indices
 from ..data.packed import DocumentStream, split_documents
-from ..engine.distributed import Runtime
+from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..tokenizer import LFM2Tokenizer
@@ -59,7 +59,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     if cfg.model.init_from and init_tok.is_file():  # the checkpoint's ids must mean what the dataset's ids mean
         check_compatible(manifest, tokenizer_fingerprint=LFM2Tokenizer.from_pretrained(init_tok.parent).fingerprint(),
                          vocab_size=None, source=f"{dataset_dir} (against model.init_from={cfg.model.init_from})")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, meta=builds_on_meta(cfg))
     check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=model.config.vocab_size,
                      source=str(dataset_dir))
     if data.seq_len > model.config.max_position_embeddings:
