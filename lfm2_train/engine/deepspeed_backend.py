@@ -281,7 +281,7 @@ class DeepSpeedBackend:
                 state[key] = value
         return state
 
-    def save(self, directory: Path, export: Any) -> None:
+    def save(self, directory: Path, export: Any, asynchronous: bool = False, process_group: Any = None) -> None:
         """fp32 weights in Hugging Face format (`export(state, dir/"model")`, rank 0) + DeepSpeed's checkpoint
         (per-rank optimizer partitions) in `dir/deepspeed/`.
 

@@ -8,6 +8,7 @@ The model code never imports anything from here.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model import LFM2ForCausalLM
 from .checkpoint import load_tensors
+from .dcp import DCP_DIR
+from .dcp import load as dcp_load
+from .dcp import save as dcp_save
 from .meta_init import is_deferred, materialise
 from .optim import build_optimizer, set_lr
 
@@ -177,21 +181,32 @@ class TorchBackend:
             return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
 
-    def save(self, directory: Path, export: Any) -> None:
-        """Model in Hugging Face format (`export(state, dir)` on rank 0) + optimizer state."""
-        state = self.full_model_state()
-        if self.kind == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def save(self, directory: Path, export: Any, asynchronous: bool = False, process_group: Any = None
+             ) -> Future | None:
+        """Model + optimizer state as a DCP directory (`directory/dcp`), each rank writing its own shards.
 
-            optim = get_optimizer_state_dict(self.model, self.optimizer,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            optim = self.optimizer.state_dict()
-        if self.runtime.is_main:
-            export(state, directory / "model")
-            torch.save(optim, directory / "optimizer.pt")
+        Keyed by parameter name, so it loads at any world size and into none / ddp / fsdp2 (`load`). `export`
+        is unused: the Hugging Face export happens at the end of a stage (or `engine.dcp.export_checkpoint`)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.raw, self.optimizer)
+        return dcp_save({"model": model_state, "optim": optim_state}, directory / DCP_DIR, process_group,
+                        asynchronous)
 
     def load(self, directory: Path, load_weights: Any) -> None:
+        """Resume from a DCP checkpoint written at any world size by none / ddp / fsdp2 (or, for checkpoints
+        written before DCP, from `model/` + `optimizer.pt` by the same backend)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (directory / DCP_DIR).is_dir():
+            self._load_full(directory, load_weights)
+            return
+        model_state, optim_state = get_state_dict(self.raw, self.optimizer)  # also creates the optimizer state
+        state = {"model": model_state, "optim": optim_state}
+        dcp_load(state, directory / DCP_DIR)
+        set_state_dict(self.raw, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def _load_full(self, directory: Path, load_weights: Any) -> None:
         state = load_weights(directory / "model")
         optim = load_tensors(directory / "optimizer.pt")
         if self.kind == "fsdp2":

@@ -34,6 +34,7 @@ from ..model import LFM2ForCausalLM
 from ..model.hf_io import read_state_dict, write_checkpoint
 from .callbacks import Callback, ExpertBiasUpdate
 from .checkpoint import CheckpointManager, load_tensors, rng_state, set_rng_state
+from .dcp import MODEL_CONFIG, TOKENIZER_DIR
 from .distributed import Runtime, make_backend
 from .observe import MetricsLogger, plot_losses
 from .optim import LRSchedule
@@ -87,6 +88,9 @@ class Trainer:
         t = cfg.trainer
         if t.precision not in ("fp32", "bf16"):
             raise ValueError(f"trainer.precision={t.precision!r}; choose fp32 or bf16")
+        if t.async_checkpoint and cfg.distributed.backend == "deepspeed":
+            raise ValueError("trainer.async_checkpoint=true needs a torch backend (none | ddp | fsdp2); DeepSpeed "
+                             "writes its own checkpoint format synchronously")
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
         if cfg.threads is None and self.runtime.device.type == "cpu" and job.model.num_parameters() < SMALL_MODEL:
@@ -106,6 +110,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stop_agreed = False  # some rank was signalled (agreed through the step's collective)
         self.callbacks: list[Callback] = [ExpertBiasUpdate(), *job.callbacks]
+        self._pending: tuple[Any, int] | None = None  # an asynchronous checkpoint being written: (future, step)
+        self._ckpt_group: Any = None
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
@@ -142,26 +148,77 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        def write(tmp: Path) -> None:
-            self.backend.save(tmp, self._export)
-            if self.runtime.is_main:
-                torch.save(rng_state(), tmp / "rng.pt")
-                state = {"step": self.step, "nan_skips": self.nan_skips, "tokens_seen": self.tokens_seen,
-                         "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size,
-                         "last_metrics": self.last_metrics, "val_metrics": self.val_metrics}
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-                (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        """A checkpoint of this step: the backend's (sharded) model and optimizer state, written by every rank,
+        plus what rank 0 alone writes (trainer and data state, RNG, config, model config, tokenizer).
 
-        # Gathering sharded state is collective: every rank runs `write`, only rank 0 touches the disk.
+        With `trainer.async_checkpoint` the state is copied to host memory now and written by a background
+        thread while training goes on; rank 0 renames the directory into place once every rank's files are on
+        disk (DCP's future completes after the metadata, which is written last)."""
+        self.finish_checkpoint()
+        step, asynchronous = self.step, bool(self.cfg.trainer.async_checkpoint)
+
+        def write_own(tmp: Path) -> None:
+            torch.save(rng_state(), tmp / "rng.pt")
+            state = {"step": self.step, "nan_skips": self.nan_skips, "tokens_seen": self.tokens_seen,
+                     "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size,
+                     "last_metrics": self.last_metrics, "val_metrics": self.val_metrics}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            (tmp / MODEL_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
+            if self.job.tokenizer is not None:
+                self.job.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+
+        # Rank 0 creates the directory and its own files first; then every rank writes its shards into it.
+        own = str(self.ckpt.save(step, write_own, commit=False)) if self.runtime.is_main else None
+        tmp = Path(self.runtime.broadcast_object(own))
+        group = self._checkpoint_group() if asynchronous else None
+        try:
+            future = self.backend.save(tmp, self._export, asynchronous=asynchronous, process_group=group)
+        except BaseException as err:
+            if self.runtime.is_main:
+                self.ckpt._fail(step, err)
+            raise
+        path = self.ckpt.root / f"step-{step:08d}"
+        if future is not None:
+            self._pending = (future, step)
+            return path
+        self.runtime.barrier()  # every rank's shards are on disk
         if self.runtime.is_main:
-            path = self.ckpt.save(self.step, write)
-        else:
-            write(self.ckpt.root / f".tmp-step-{self.step:08d}")
-            path = self.ckpt.root / f"step-{self.step:08d}"
+            self.ckpt.commit(step)
         self.runtime.barrier()
         for cb in self.callbacks:
             cb.on_checkpoint(self, path)
         return path
+
+    def finish_checkpoint(self) -> None:
+        """Wait for an asynchronous checkpoint still being written, then put it in place (rank 0)."""
+        if self._pending is None:
+            return
+        future, step = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except BaseException:
+            if self.runtime.is_main:
+                self.ckpt.abandon(step)
+            raise
+        path = self.ckpt.root / f"step-{step:08d}"
+        if self.runtime.is_main:
+            self.ckpt.commit(step)
+        self.runtime.barrier()
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
+
+    def _checkpoint_group(self) -> Any:
+        """Asynchronous saves run their collectives from a background thread: on a separate gloo group, never
+        on the training group (NCCL), as torch.distributed.checkpoint recommends."""
+        if not self.runtime.distributed:
+            return None
+        if self._ckpt_group is None:
+            import torch.distributed as dist
+
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self._ckpt_group
 
     def _choose_resume_point(self) -> Path | None:
         """Rank 0 picks the checkpoint to continue from and sets aside the ones that are not in that run's
@@ -360,6 +417,7 @@ class Trainer:
                     break
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save_checkpoint()
+            self.finish_checkpoint()
         finally:
             logger.close()
             for sig, handler in previous_handlers.items():
@@ -372,10 +430,12 @@ class Trainer:
         if status == "finished":
             if start_step < self.step:  # else the checkpoint we resumed from is this one
                 self.save_checkpoint()
+                self.finish_checkpoint()
             summary["final"] = str(self.export_final())
             if self.runtime.is_main and self.cfg.logger.plot:
                 summary["loss_curve"] = _plot_or_warn(logger.jsonl_path, self.out_dir / "loss_curve.png",
                                                       self.cfg.stage.name)
+        self.ckpt.wait()  # the background hashes of the large checkpoint files
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         if self.runtime.is_main:

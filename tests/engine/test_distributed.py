@@ -185,7 +185,7 @@ def test_ddp_interrupted_and_resumed_matches_one_process(tmp_path, tiny_dataset,
     first = json.loads((tmp_path / "summary.json").read_text())
     assert first["status"] == "interrupted" and first["steps"] == 2
     ckpt = tmp_path / "checkpoints" / "step-00000002"
-    assert (ckpt / "checksums.json").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert (ckpt / "checksums.json").is_file() and (ckpt / "dcp" / ".metadata").is_file()
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
     _launch(tmp_path, overrides)
     second = json.loads((tmp_path / "summary.json").read_text())
