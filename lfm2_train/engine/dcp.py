@@ -159,6 +159,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     state = {"model": model.state_dict()}
+    if config.tie_word_embeddings:
+        del state["model"]["lm_head.weight"]  # stored once, as the embedding
     load(state, checkpoint / DCP_DIR)
     tmp = temp_sibling(out_dir)
     write_checkpoint(state["model"], config, tmp)

@@ -29,6 +29,7 @@ from .meta_init import is_deferred, materialise
 from .optim import build_optimizer, set_lr
 
 BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
+TIED_HEAD = "lm_head.weight"  # the embedding when tie_word_embeddings: not stored twice in a checkpoint
 
 
 @dataclass
@@ -190,6 +191,8 @@ class TorchBackend:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.raw, self.optimizer)
+        if self.raw.config.tie_word_embeddings:
+            model_state.pop(TIED_HEAD, None)  # the embedding itself: stored once (and restored by `load`)
         return dcp_save({"model": model_state, "optim": optim_state}, directory / DCP_DIR, process_group,
                         asynchronous)
 
@@ -202,8 +205,11 @@ class TorchBackend:
             self._load_full(directory, load_weights)
             return
         model_state, optim_state = get_state_dict(self.raw, self.optimizer)  # also creates the optimizer state
+        tied = model_state.pop(TIED_HEAD, None) if self.raw.config.tie_word_embeddings else None
         state = {"model": model_state, "optim": optim_state}
         dcp_load(state, directory / DCP_DIR)
+        if tied is not None:
+            state["model"][TIED_HEAD] = state["model"]["model.embed_tokens.weight"]
         set_state_dict(self.raw, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def _load_full(self, directory: Path, load_weights: Any) -> None:

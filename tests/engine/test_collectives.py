@@ -10,18 +10,14 @@ the trainer makes in a step, a validation, a checkpoint decision and an MoE-styl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize
-from torch import nn
 
-from lfm2_train.config import register_configs
 from lfm2_train.engine.callbacks import Callback
 from lfm2_train.engine.distributed import Runtime
-from lfm2_train.engine.trainer import Trainer, TrainJob
+from lfm2_train.engine.trainer import Trainer
 
 lazy = pytest.importorskip("torch._lazy.ts_backend")
 
@@ -49,49 +45,6 @@ class NcclLikeRuntime(Runtime):
         return obj
 
 
-class TinyLM(nn.Module):
-    """Just enough of LFM2ForCausalLM's surface for the trainer: a bigram model."""
-
-    def __init__(self, vocab: int = 16) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, 8)
-        self.head = nn.Linear(8, vocab)
-        self.config = None
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def moe_layers(self) -> list[nn.Module]:
-        return []
-
-    def update_expert_biases(self) -> list[torch.Tensor]:
-        return []
-
-
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]):
-    logits = model.head(model.embed(batch["input_ids"]))
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
-    return loss, (batch["labels"] != -100).sum(), {"ce": loss.detach()}
-
-
-class Batches:
-    def __init__(self) -> None:
-        self.n = 0
-
-    def next_batch(self, rows: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.n)
-        self.n += 1
-        ids = torch.randint(0, 16, (rows, 9), generator=g)
-        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-
-    @property
-    def state(self) -> int:
-        return self.n
-
-    def load_state(self, state: int) -> None:
-        self.n = state
-
-
 class AllReduceEveryStep(Callback):
     """Like the MoE bias update: a callback that reduces a device buffer after every step."""
 
@@ -99,17 +52,10 @@ class AllReduceEveryStep(Callback):
         trainer.runtime.all_reduce_sum(torch.ones(3, device=trainer.runtime.device))
 
 
-def test_every_bookkeeping_collective_is_on_the_device(tmp_path: Path) -> None:
+def test_every_bookkeeping_collective_is_on_the_device(tiny_trainer) -> None:
     lazy.init()
     runtime = NcclLikeRuntime(device=torch.device("lazy"))
-    register_configs()
-    with initialize(version_base="1.3", config_path=None):
-        cfg = compose(config_name="lfm2_train", overrides=[
-            "stage=pretrain", "logger=disabled", "trainer.progress_bar=false", "trainer.micro_batch_size=2",
-            "trainer.grad_accum=2", "trainer.max_steps=2", "threads=1", f"output_dir={tmp_path}"])
-    job = TrainJob(model=TinyLM(), train=Batches(), loss_fn=lm_loss, val_batches=[Batches().next_batch(2)],
-                   callbacks=[AllReduceEveryStep()])
-    trainer = Trainer(cfg, job, runtime)
+    trainer = tiny_trainer(runtime, "trainer.eval_every=1", validate=True, callbacks=[AllReduceEveryStep()])
     trainer.backend.model.train()
     for _ in range(2):
         metrics = trainer.train_step()
