@@ -190,7 +190,7 @@ def resharded(tmp_path_factory, tiny_dataset) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reshard")
     runs = {name: root / name for name in ("reference", "fsdp2x2", "none", "2to1", "2to3")}
     data = tiny_dataset
-    run_stage(_cfg(_overrides(data, runs["reference"], 1)))
+    run_stage(_cfg(_overrides(data, runs["reference"], 1, "trainer.checkpoint_every=2")))
     run_stage(_cfg(_overrides(data, runs["none"], 1, "trainer.stop_after_steps=2")))
     fsdp = ["distributed=fsdp2"]
     seconds = _launch(root, 2, [
@@ -223,3 +223,12 @@ def test_single_process_checkpoint_resumes_on_two_fsdp2_ranks(resharded):
     summary = json.loads((resharded["none"] / "summary.json").read_text())
     assert summary["start_step"] == 2 and summary["steps"] == 4
     _assert_same_run(resharded["none"], resharded["reference"], "none x1 -> fsdp2 x2")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_fsdp2_ranks_exports_the_weights_of_its_step(resharded, tmp_path):
+    step2 = "checkpoints/step-00000002"
+    got = LFM2ForCausalLM.from_pretrained(dcp_mod.export_checkpoint(resharded["fsdp2x2"] / step2, tmp_path / "a"))
+    want = LFM2ForCausalLM.from_pretrained(dcp_mod.export_checkpoint(resharded["reference"] / step2, tmp_path / "b"))
+    a, b = got.state_dict(), want.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in b) < TOL
