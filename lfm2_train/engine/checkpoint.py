@@ -192,11 +192,12 @@ class CheckpointManager:
             tmp.mkdir()
             write(tmp)
         except BaseException as err:
-            self._fail(step, err)
+            self.fail(step, err)
             raise
         return self.commit(step) if commit else tmp
 
-    def _fail(self, step: int, err: BaseException) -> None:
+    def fail(self, step: int, err: BaseException) -> None:
+        """Remove the partial checkpoint of a failed write; a full disk becomes a CheckpointError saying so."""
         full = any(isinstance(e, Exception) and _disk_full(e, self.root) for e in rank_errors(err))
         shutil.rmtree(self.tmp_dir(step), ignore_errors=True)
         if full:
@@ -211,7 +212,7 @@ class CheckpointManager:
             entries, deferred = _manifest(tmp)
             write_json_atomic(tmp / CHECKSUMS, entries)
         except BaseException as err:
-            self._fail(step, err)
+            self.fail(step, err)
             raise
         if final.exists():
             shutil.rmtree(final)

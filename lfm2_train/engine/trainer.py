@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -110,7 +111,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._stop_agreed = False  # some rank was signalled (agreed through the step's collective)
         self.callbacks: list[Callback] = [ExpertBiasUpdate(), *job.callbacks]
-        self._pending: tuple[Any, int] | None = None  # an asynchronous checkpoint being written: (future, step)
+        self._pending: _PendingCheckpoint | None = None  # an asynchronous checkpoint being written
         self._ckpt_group: Any = None
 
     # ---------------------------------------------------------------------------------------------- helpers
@@ -176,11 +177,13 @@ class Trainer:
             future = self.backend.save(tmp, self._export, asynchronous=asynchronous, process_group=group)
         except BaseException as err:
             if self.runtime.is_main:
-                self.ckpt._fail(step, err)
+                self.ckpt.fail(step, err)
             raise
         path = self.ckpt.root / f"step-{step:08d}"
         if future is not None:
-            self._pending = (future, step)
+            self._pending = _PendingCheckpoint(future, step)
+            if self.runtime.is_main:  # put it in place as soon as it is written, not only at the next save
+                future.add_done_callback(lambda _: self._pending_commit(step))
             return path
         self.runtime.barrier()  # every rank's shards are on disk
         if self.runtime.is_main:
@@ -191,23 +194,33 @@ class Trainer:
         return path
 
     def finish_checkpoint(self) -> None:
-        """Wait for an asynchronous checkpoint still being written, then put it in place (rank 0)."""
-        if self._pending is None:
+        """Wait for an asynchronous checkpoint still being written; rank 0 makes sure it is in place."""
+        pending = self._pending
+        if pending is None:
             return
-        future, step = self._pending
         self._pending = None
         try:
-            future.result()
+            pending.future.result()
         except BaseException:
             if self.runtime.is_main:
-                self.ckpt.abandon(step)
+                self.ckpt.abandon(pending.step)
             raise
-        path = self.ckpt.root / f"step-{step:08d}"
         if self.runtime.is_main:
-            self.ckpt.commit(step)
+            self._pending_commit(pending.step, pending)
         self.runtime.barrier()
         for cb in self.callbacks:
-            cb.on_checkpoint(self, path)
+            cb.on_checkpoint(self, self.ckpt.root / f"step-{pending.step:08d}")
+
+    def _pending_commit(self, step: int, pending: _PendingCheckpoint | None = None) -> None:
+        """Rank 0, from DCP's thread when the write completes or from `finish_checkpoint`: commit once."""
+        pending = pending or self._pending
+        if pending is None or pending.step != step:
+            return
+        with pending.lock:
+            if pending.committed or pending.future.exception() is not None:
+                return
+            self.ckpt.commit(step)
+            pending.committed = True
 
     def _checkpoint_group(self) -> Any:
         """Asynchronous saves run their collectives from a background thread: on a separate gloo group, never
@@ -455,6 +468,16 @@ class Trainer:
             replace_dir(tmp, final)
         self.runtime.barrier()
         return final
+
+
+@dataclass
+class _PendingCheckpoint:
+    """An asynchronous save in flight; committed (renamed into place) exactly once, by rank 0."""
+
+    future: Any
+    step: int
+    committed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _plot_or_warn(metrics_path: Path, png: Path, title: str) -> str | None:
