@@ -45,10 +45,11 @@ def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def model_dir_problem(directory: Path) -> str | None:
-    """None when `directory` is a complete model directory, else a one-line reason."""
+    """None when `directory` is a complete model (or PEFT adapter) directory, else a one-line reason."""
     if not directory.is_dir():
         return f"{directory} does not exist"
-    if not (directory / "config.json").is_file():
+    adapter = (directory / "adapter_config.json").is_file()  # a PEFT adapter directory (LoRA stage output)
+    if not adapter and not (directory / "config.json").is_file():
         return f"{directory} has no config.json"
     manifest_path = directory / MODEL_MANIFEST
     if manifest_path.is_file():
@@ -62,6 +63,9 @@ def model_dir_problem(directory: Path) -> str | None:
                 return f"{directory}: {name} listed in {MODEL_MANIFEST} is missing"
             if path.stat().st_size != size:
                 return f"{directory}: {name} has {path.stat().st_size} bytes, {MODEL_MANIFEST} says {size}"
+    if adapter:
+        found = any((directory / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
+        return None if found else f"{directory} has no adapter_model.safetensors"
     if (directory / _WEIGHTS_INDEX).is_file():
         try:
             shards = set(json.loads((directory / _WEIGHTS_INDEX).read_text())["weight_map"].values())

@@ -102,6 +102,7 @@ class TrainerConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 2
+    async_checkpoint: bool = False  # write checkpoints in the background (torch backends; DCP async_save)
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nan_skips: int = 3
     log_every: int = 1

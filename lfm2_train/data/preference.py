@@ -214,8 +214,6 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, ref_logps: np.ndarr
     input_ids / doc_ids / targets (B, 2, T): [:, 0] chosen, [:, 1] rejected. doc_ids is 0 on real
     tokens and -1 on padding (masked by the model); targets[t] is the next token where that token is
     part of the completion, else IGNORE_INDEX, so the prompt and the padding never count.
-    labels (B,): the index of the preferred response (0, chosen first). The trainer normalises by the
-    number of non-ignored labels, so the loss is a mean over *pairs*.
     pair_index (B,): each pair's position in the full pair list (`index`, default 0..B-1); ref_logps
     (B, 2) float32, the rows of `ref_logps` (aligned with that full list) at `pair_index`, when given.
     """
@@ -233,7 +231,7 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, ref_logps: np.ndarr
             ids[b, j, :n] = seq
             doc[b, j, :n] = 0
             tgt[b, j, P - 1:n - 1] = seq[P:]
-    batch = {"input_ids": ids, "doc_ids": doc, "targets": tgt, "labels": torch.zeros(B, dtype=torch.long)}
+    batch = {"input_ids": ids, "doc_ids": doc, "targets": tgt}
     idx = torch.as_tensor(list(index) if index is not None else range(B), dtype=torch.long)
     batch["pair_index"] = idx
     if ref_logps is not None:
@@ -255,6 +253,16 @@ class PairStream:
         self.seed = seed
         self.position = 0
         self._orders: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def normaliser(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The preference loss is a mean over pairs: the trainer divides the summed loss by this."""
+        return torch.tensor(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+
+    @staticmethod
+    def tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Real tokens (prompt and both responses, padding excluded), for tokens/s."""
+        return (batch["doc_ids"] >= 0).sum()
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:

@@ -1,9 +1,15 @@
 """Atomic, verifiable, rotating training checkpoints.
 
-A checkpoint is written into `.tmp-step-XXXXXXXX/`, every file is hashed into `checksums.json`, and only
-then is the directory renamed to `step-XXXXXXXX/` — so a directory with the final name is complete by
-construction, and a later corruption (a truncated file, a bad disk) is caught by the hashes: resume then
-falls back to the previous complete checkpoint and says so.
+A checkpoint is written into `.tmp-step-XXXXXXXX/`, listed in `checksums.json`, and only then is the directory
+renamed to `step-XXXXXXXX/` — so a directory with the final name is complete by construction, and a later
+corruption (a truncated file, a bad disk) is caught by the manifest: resume then falls back to the previous
+complete checkpoint and says so.
+
+Hashing every byte before the rename would put a full read of a multi-GB checkpoint on the critical path. So
+`checksums.json` holds the SHA-256 of every small file (metadata, RNG, trainer state: under
+`HASH_NOW_BYTES`) and the size of every large one (the model / optimizer shards); after the rename a
+background thread hashes the large files into `checksums.deferred.json` (written atomically). `verify` checks
+sizes always and those hashes whenever the sidecar exists (the trainer waits for it at the end of a run).
 
 Two rules keep work from being lost:
 - pruning never touches the checkpoint just written, nor anything newer than it: it only removes the
@@ -25,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,8 @@ from ..data.format import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 CHECKSUMS = "checksums.json"
+DEFERRED = "checksums.deferred.json"  # hashes of the large files, written in the background after the rename
+HASH_NOW_BYTES = 1 << 20
 SET_ASIDE = "set-aside"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _DISK_FULL_TEXT = ("no space left on device", "os error 28", "unexpected pos")  # torch's zip writer says the last
@@ -98,9 +107,44 @@ def refuse_foreign_objects(path: Path, allowed: frozenset[str] = frozenset()) ->
                               f"from another one")
 
 
+def _files(root: Path) -> list[Path]:
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (CHECKSUMS, DEFERRED)]
+
+
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != CHECKSUMS}
+    """SHA-256 of every file (a full, synchronous manifest)."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in _files(root)}
+
+
+def _manifest(root: Path) -> tuple[dict[str, Any], list[str]]:
+    """(checksums.json content, the large files whose hashes are deferred)."""
+    entries: dict[str, Any] = {}
+    deferred = []
+    for p in _files(root):
+        name, size = str(p.relative_to(root)), p.stat().st_size
+        if size < HASH_NOW_BYTES:
+            entries[name] = sha256_file(p)
+        else:
+            entries[name] = {"size": size}
+            deferred.append(name)
+    return entries, deferred
+
+
+def _hash_later(root: Path, names: list[str]) -> None:
+    """Background: hash the large files of a committed checkpoint into the sidecar. A checkpoint pruned or set
+    aside meanwhile simply ends the job."""
+    try:
+        write_json_atomic(root / DEFERRED, {name: sha256_file(root / name) for name in names})
+    except OSError as err:
+        log.info("deferred hashing of %s stopped: %s", root, err)
+
+
+def rank_errors(err: BaseException) -> list[BaseException]:
+    """The per-rank errors inside a torch.distributed.checkpoint `CheckpointException` (else just `err`)."""
+    failures = getattr(err, "failures", None)
+    if not isinstance(failures, dict):
+        return [err]
+    return [f[0] if isinstance(f, tuple) else f for f in failures.values()]
 
 
 def _disk_full(err: BaseException, where: Path) -> bool:
@@ -124,6 +168,7 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2) -> None:
         self.root = Path(root)
         self.keep_last = max(int(keep_last), 1)
+        self._hashers: list[threading.Thread] = []
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         """Complete-by-name checkpoints, oldest first."""
@@ -132,31 +177,62 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
         return sorted(found)
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """`write(tmp_dir)` fills the directory; we hash, rename into place and prune old ones.
+    def tmp_dir(self, step: int) -> Path:
+        return self.root / f".tmp-step-{step:08d}"
 
-        On failure the temporary directory is removed; a full disk is reported as such."""
+    def save(self, step: int, write: Callable[[Path], None], commit: bool = True) -> Path:
+        """`write(tmp_dir)` fills the directory; we list it, rename it into place and prune old ones.
+
+        On failure the temporary directory is removed; a full disk is reported as such. `commit=False` stops
+        after `write` (for writes that finish in the background: call `commit(step)` once they are done)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step-{step:08d}"
-        tmp = self.root / f".tmp-step-{step:08d}"
+        tmp = self.tmp_dir(step)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
             write(tmp)
-            write_json_atomic(tmp / CHECKSUMS, _hash_tree(tmp))
         except BaseException as err:
-            full = isinstance(err, Exception) and _disk_full(err, self.root)
-            shutil.rmtree(tmp, ignore_errors=True)
-            if full:
-                raise CheckpointError(f"No space left on device while writing checkpoint step {step} to "
-                                      f"{self.root}; the partial checkpoint was removed. Free space (or lower "
-                                      f"trainer.keep_last) and re-run to resume from the previous one") from err
+            self.fail(step, err)
+            raise
+        return self.commit(step) if commit else tmp
+
+    def fail(self, step: int, err: BaseException) -> None:
+        """Remove the partial checkpoint of a failed write; a full disk becomes a CheckpointError saying so."""
+        full = any(isinstance(e, Exception) and _disk_full(e, self.root) for e in rank_errors(err))
+        shutil.rmtree(self.tmp_dir(step), ignore_errors=True)
+        if full:
+            raise CheckpointError(f"No space left on device while writing checkpoint step {step} to "
+                                  f"{self.root}; the partial checkpoint was removed. Free space (or lower "
+                                  f"trainer.keep_last) and re-run to resume from the previous one") from err
+
+    def commit(self, step: int) -> Path:
+        """Manifest, atomic rename, prune; the large files are then hashed in the background."""
+        tmp, final = self.tmp_dir(step), self.root / f"step-{step:08d}"
+        try:
+            entries, deferred = _manifest(tmp)
+            write_json_atomic(tmp / CHECKSUMS, entries)
+        except BaseException as err:
+            self.fail(step, err)
             raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         self.prune(newest=step)
+        if deferred:
+            worker = threading.Thread(target=_hash_later, args=(final, deferred), name=f"hash-{final.name}",
+                                      daemon=True)
+            worker.start()
+            self._hashers.append(worker)
         return final
+
+    def abandon(self, step: int) -> None:
+        """Remove the temporary directory of a write that failed on another rank or in the background."""
+        shutil.rmtree(self.tmp_dir(step), ignore_errors=True)
+
+    def wait(self) -> None:
+        """Until every background hash has been written."""
+        while self._hashers:
+            self._hashers.pop().join()
 
     def prune(self, newest: int) -> None:
         """Keep `newest` and the `keep_last - 1` checkpoints just below it; never touch anything newer."""
@@ -182,7 +258,7 @@ class CheckpointManager:
 
     @staticmethod
     def verify(path: Path) -> str | None:
-        """None if every file matches checksums.json, else a one-line reason."""
+        """None if every file matches checksums.json (and the deferred hashes, when written), else a reason."""
         sums_file = path / CHECKSUMS
         if not sums_file.is_file():
             return "no checksums.json"
@@ -190,11 +266,18 @@ class CheckpointManager:
             expected = json.loads(sums_file.read_text())
         except json.JSONDecodeError:
             return "checksums.json is not valid JSON"
-        actual = _hash_tree(path)
-        for name, digest in expected.items():
-            if name not in actual:
+        try:
+            later = json.loads((path / DEFERRED).read_text()) if (path / DEFERRED).is_file() else {}
+        except json.JSONDecodeError:
+            return f"{DEFERRED} is not valid JSON"
+        for name, entry in expected.items():
+            file = path / name
+            if not file.is_file():
                 return f"{name} is missing"
-            if actual[name] != digest:
+            digest = entry if isinstance(entry, str) else later.get(name)
+            if isinstance(entry, dict) and file.stat().st_size != entry.get("size"):
+                return f"{name} does not match its checksum (size {file.stat().st_size}, expected {entry.get('size')})"
+            if digest is not None and sha256_file(file) != digest:
                 return f"{name} does not match its checksum"
         return None
 

@@ -281,7 +281,7 @@ class DeepSpeedBackend:
                 state[key] = value
         return state
 
-    def save(self, directory: Path, export: Any) -> None:
+    def save(self, directory: Path, export: Any, asynchronous: bool = False, process_group: Any = None) -> None:
         """fp32 weights in Hugging Face format (`export(state, dir/"model")`, rank 0) + DeepSpeed's checkpoint
         (per-rank optimizer partitions) in `dir/deepspeed/`.
 
@@ -300,8 +300,10 @@ class DeepSpeedBackend:
         `dir/model` is the portable copy for anything else, e.g. `model.init_from`)."""
         if not (directory / CHECKPOINT_TAG).is_dir():
             raise FileNotFoundError(f"{directory} has no {CHECKPOINT_TAG}/ sub-directory: it was not written by "
-                                    f"distributed.backend=deepspeed. Resume with the backend that wrote it, or "
-                                    f"start a new run from its weights with model.init_from={directory / 'model'}")
+                                    f"distributed.backend=deepspeed. Resume with a torch backend (none | ddp | fsdp2, "
+                                    f"any world size), or start a new run from its weights: export them with "
+                                    f"`python -m lfm2_train.engine.dcp {directory} <out>` and set "
+                                    f"model.init_from=<out>")
         shards = len(list((directory / CHECKPOINT_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
         if shards != self.runtime.world_size:
             raise ValueError(f"{directory} holds DeepSpeed optimizer partitions for {shards} ranks; this run has "

@@ -1,9 +1,14 @@
 """The training loop every stage shares.
 
 A stage builds a `TrainJob` (model, batch source, loss, validation batches, what to export) and calls
-`Trainer(cfg, job).fit()`. The loop owns: LR schedule, gradient accumulation normalised by the number of
-labelled tokens in the *global* batch (so 1 process x 4 rows and 2 processes x 2 rows compute the same
-update), clipping, the NaN/inf policy, MoE bias updates, validation, checkpoints, resume and signals.
+`Trainer(cfg, job).fit()`. The loop owns: LR schedule, gradient accumulation normalised by the batch source's
+loss normaliser summed over the *global* batch (so 1 process x 4 rows and 2 processes x 2 rows compute the same
+update), clipping, the NaN/inf policy, validation, checkpoints, resume and signals. Stages extend it through
+callbacks (`engine/callbacks.py`); the MoE bias update is one.
+
+Host syncs: bookkeeping (normaliser, loss and metric sums, the stop flag) stays on the device and is reduced
+with one collective per step; the loop reads it back once per step (`_read_step`), which the NaN/inf policy
+needs before the optimizer step. The other syncs are listed in docs/DISTRIBUTED.md.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +35,9 @@ from ..model import LFM2ForCausalLM
 from ..model.hf_io import read_state_dict, write_checkpoint
 from ..model.lora import LoRAConfig
 from ..model.peft_io import read_adapter_state, save_adapter
+from .callbacks import Callback, ExpertBiasUpdate
 from .checkpoint import CheckpointManager, load_tensors, rng_state, set_rng_state
+from .dcp import MODEL_CONFIG, TOKENIZER_DIR
 from .distributed import Runtime, make_backend
 from .observe import MetricsLogger, plot_losses
 from .optim import LRSchedule
@@ -51,6 +59,14 @@ def cpu_bf16_support() -> bool | None:
 
 
 class BatchSource(Protocol):
+    """Where training batches come from. Two optional methods refine the bookkeeping:
+
+    - `normaliser(batch) -> int tensor`: what the summed loss is divided by (default: non-ignored `labels`,
+      the labelled tokens of an LM batch; a preference source counts pairs);
+    - `tokens(batch) -> int tensor`: the real tokens of the batch, for `tokens`, `tok/s` and `tokens_seen`
+      (default: the normaliser).
+    """
+
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]: ...
     def load_state(self, state: dict[str, Any]) -> None: ...
     @property
@@ -71,8 +87,8 @@ class TrainJob:
     inputs: dict[str, Any] = field(default_factory=dict)  # hashes of what went in, for the output manifest
     # Validation objective; None = loss_fn. (Distillation validates on plain CE, comparable across runs.)
     eval_loss_fn: LossFn | None = None
-    # Called as hook(step, max_steps) before each step: schedules of loss weights, temperatures, ...
-    step_hooks: list[Callable[[int, int], None]] = field(default_factory=list)
+    # Extensions of the loop (schedules of loss weights and temperatures, ...), called after the built-in ones.
+    callbacks: list[Callback] = field(default_factory=list)
     # LoRA: the model carries adapters (model/lora.py); checkpoints and the output hold only the adapter,
     # in PEFT's format, and the optimizer only its parameters.
     lora: LoRAConfig | None = None
@@ -91,6 +107,9 @@ class Trainer:
             warnings.warn("trainer.precision=bf16 on a CPU without native bf16 (no avx512_bf16 / amx_bf16): every "
                           "bf16 matmul is emulated and can be many times slower than fp32; use "
                           "trainer.precision=fp32 on this machine", stacklevel=2)
+        if t.async_checkpoint and cfg.distributed.backend == "deepspeed":
+            raise ValueError("trainer.async_checkpoint=true needs a torch backend (none | ddp | fsdp2); DeepSpeed "
+                             "writes its own checkpoint format synchronously")
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             raise ValueError("trainer.micro_batch_size, trainer.grad_accum and trainer.max_steps must be >= 1")
         if job.lora is None and (OmegaConf.select(cfg, "model.lora.r", default=0)
@@ -112,6 +131,10 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
         self._stop_signal: int | None = None
+        self._stop_agreed = False  # some rank was signalled (agreed through the step's collective)
+        self.callbacks: list[Callback] = [ExpertBiasUpdate(), *job.callbacks]
+        self._pending: _PendingCheckpoint | None = None  # an asynchronous checkpoint being written
+        self._ckpt_group: Any = None
 
     # ---------------------------------------------------------------------------------------------- helpers
     @property
@@ -130,6 +153,14 @@ class Trainer:
         lo = self.runtime.rank * b
         return {k: v[lo:lo + b].to(self.runtime.device) for k, v in batch.items()}
 
+    def _count(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch source's `normaliser` / `tokens` of a batch, as a long tensor on the device."""
+        fn = getattr(self.job.train, name, None)
+        if fn is None and name == "tokens":
+            fn = getattr(self.job.train, "normaliser", None)
+        value = fn(batch) if fn is not None else (batch["labels"] != -100).sum()
+        return torch.as_tensor(value, dtype=torch.long, device=self.runtime.device)
+
     def _export(self, state: dict[str, torch.Tensor], directory: Path) -> None:
         if self.job.lora is not None:
             save_adapter(state, self.job.lora, directory)
@@ -145,24 +176,89 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        def write(tmp: Path) -> None:
-            self.backend.save(tmp, self._export)
-            if self.runtime.is_main:
-                torch.save(rng_state(), tmp / "rng.pt")
-                state = {"step": self.step, "nan_skips": self.nan_skips, "tokens_seen": self.tokens_seen,
-                         "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size,
-                         "last_metrics": self.last_metrics, "val_metrics": self.val_metrics}
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-                (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        """A checkpoint of this step: the backend's (sharded) model and optimizer state, written by every rank,
+        plus what rank 0 alone writes (trainer and data state, RNG, config, model config, tokenizer).
 
-        # Gathering sharded state is collective: every rank runs `write`, only rank 0 touches the disk.
+        With `trainer.async_checkpoint` the state is copied to host memory now and written by a background
+        thread while training goes on; rank 0 renames the directory into place once every rank's files are on
+        disk (DCP's future completes after the metadata, which is written last)."""
+        self.finish_checkpoint()
+        step, asynchronous = self.step, bool(self.cfg.trainer.async_checkpoint)
+
+        def write_own(tmp: Path) -> None:
+            torch.save(rng_state(), tmp / "rng.pt")
+            state = {"step": self.step, "nan_skips": self.nan_skips, "tokens_seen": self.tokens_seen,
+                     "data": _jsonable(self.job.train.state), "world_size": self.runtime.world_size,
+                     "last_metrics": self.last_metrics, "val_metrics": self.val_metrics}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            (tmp / MODEL_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
+            if self.job.tokenizer is not None:
+                self.job.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+
+        # Rank 0 creates the directory and its own files first; then every rank writes its shards into it.
+        own = str(self.ckpt.save(step, write_own, commit=False)) if self.runtime.is_main else None
+        tmp = Path(self.runtime.broadcast_object(own))
+        group = self._checkpoint_group() if asynchronous else None
+        try:
+            future = self.backend.save(tmp, self._export, asynchronous=asynchronous, process_group=group)
+        except BaseException as err:
+            if self.runtime.is_main:
+                self.ckpt.fail(step, err)
+            raise
+        path = self.ckpt.root / f"step-{step:08d}"
+        if future is not None:
+            self._pending = _PendingCheckpoint(future, step)
+            if self.runtime.is_main:  # put it in place as soon as it is written, not only at the next save
+                future.add_done_callback(lambda _: self._pending_commit(step))
+            return path
+        self.runtime.barrier()  # every rank's shards are on disk
         if self.runtime.is_main:
-            path = self.ckpt.save(self.step, write)
-        else:
-            write(self.ckpt.root / f".tmp-step-{self.step:08d}")
-            path = self.ckpt.root / f"step-{self.step:08d}"
+            self.ckpt.commit(step)
         self.runtime.barrier()
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path)
         return path
+
+    def finish_checkpoint(self) -> None:
+        """Wait for an asynchronous checkpoint still being written; rank 0 makes sure it is in place."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        try:
+            pending.future.result()
+        except BaseException:
+            if self.runtime.is_main:
+                self.ckpt.abandon(pending.step)
+            raise
+        if self.runtime.is_main:
+            self._pending_commit(pending.step, pending)
+        self.runtime.barrier()
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, self.ckpt.root / f"step-{pending.step:08d}")
+
+    def _pending_commit(self, step: int, pending: _PendingCheckpoint | None = None) -> None:
+        """Rank 0, from DCP's thread when the write completes or from `finish_checkpoint`: commit once."""
+        pending = pending or self._pending
+        if pending is None or pending.step != step:
+            return
+        with pending.lock:
+            if pending.committed or pending.future.exception() is not None:
+                return
+            self.ckpt.commit(step)
+            pending.committed = True
+
+    def _checkpoint_group(self) -> Any:
+        """Asynchronous saves run their collectives from a background thread: on a separate gloo group, never
+        on the training group (NCCL), as torch.distributed.checkpoint recommends."""
+        if not self.runtime.distributed:
+            return None
+        if self._ckpt_group is None:
+            import torch.distributed as dist
+
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self._ckpt_group
 
     def _choose_resume_point(self) -> Path | None:
         """Rank 0 picks the checkpoint to continue from and sets aside the ones that are not in that run's
@@ -228,14 +324,16 @@ class Trainer:
             return {}
         model = self.backend.model
         model.eval()
-        total, count = 0.0, 0
+        dev = self.runtime.device
+        sums = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, count: one host read at the end
         with self._autocast():
             for batch in self.job.val_batches:
                 loss, n = (self.job.eval_loss_fn or self.job.loss_fn)(
-                    model, {k: v.to(self.runtime.device) for k, v in batch.items()})[:2]
-                total += float(loss)
-                count += int(n)
+                    model, {k: v.to(dev) for k, v in batch.items()})[:2]
+                sums[0] += loss.detach().double()
+                sums[1] += torch.as_tensor(n, device=dev).double()
         model.train()
+        total, count = sums.tolist()
         val = total / max(count, 1)
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
@@ -243,37 +341,45 @@ class Trainer:
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; None if it was skipped (non-finite loss or gradient)."""
         t = self.cfg.trainer
-        world = self.runtime.world_size
+        world, dev = self.runtime.world_size, self.runtime.device
         lr = self.schedule(self.step)
         self.backend.set_lr(lr)
+        for cb in self.callbacks:
+            cb.on_step_start(self, self.step)
         global_rows = t.micro_batch_size * world
         try:
             micro = [self._local_rows(self.job.train.next_batch(global_rows)) for _ in range(t.grad_accum)]
         except StopIteration:
             raise RuntimeError(f"training data exhausted at step {self.step}: the document sequence is shorter "
                                "than trainer.max_steps needs") from None
-        # The normaliser, known before any backward: non-ignored entries of `labels` — tokens for LM losses, one
-        # per pair for preference batches (data/preference.py gives each pair a single label).
-        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
-        n_global = int(self.runtime.all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
-        if n_global == 0:
-            raise ValueError(f"step {self.step}: the batch has no labelled tokens (documents too short?)")
-        for hook in self.job.step_hooks:
-            hook(self.step, t.max_steps)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # The normaliser, known before any backward, and the real tokens: reduced on the device, no host sync.
+        local = torch.stack([sum(self._count("normaliser", b) for b in micro),
+                             sum(self._count("tokens", b) for b in micro)])
+        counts = self.runtime.all_reduce_sum(local)
+        # DP wrappers average gradients over ranks; scale so the result is sum / n_global. (An empty batch makes
+        # the scale inf; it is reported by _read_step before anything is applied.)
+        scale = (world / counts[0].double()).float()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         extra: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             with self.backend.sync_context(i == len(micro) - 1), self._autocast():
                 out = self.job.loss_fn(self.backend.model, batch)
                 loss = out[0]
-                # DP wrappers average gradients over ranks; scale so the result is sum / n_global.
-                self.backend.backward(loss * (world / n_global))
-            loss_sum += loss.detach().double().cpu()
+                self.backend.backward(loss * scale.to(loss.dtype))
+            loss_sum += loss.detach().double()
             for k, v in (out[2] if len(out) > 2 else {}).items():
-                extra[k] = extra.get(k, 0.0) + torch.as_tensor(v).detach().double().cpu()
-        loss_value = float(self.runtime.all_reduce_sum(loss_sum)) / n_global
-        means = {k: float(self.runtime.all_reduce_sum(v)) / n_global for k, v in sorted(extra.items())}
-        grad_norm = self.backend.clip_grad_norm(self.cfg.optim.grad_clip)
+                v = torch.as_tensor(v, device=dev).detach().double()
+                extra[k] = extra[k] + v if k in extra else v
+        names = sorted(extra)
+        stop = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=dev)
+        sums = self.runtime.all_reduce_sum(torch.stack([loss_sum, stop, *(extra[k] for k in names)]))
+        grad_norm_t = self.backend.clip_grad_norm(self.cfg.optim.grad_clip)
+        n_global, tokens, loss_total, grad_norm, stopped, *extra_sums = self._read_step(counts, sums, grad_norm_t)
+        self._stop_agreed = stopped > 0
+        if n_global == 0:
+            raise ValueError(f"step {self.step}: the batch has no labelled tokens (documents too short?)")
+        loss_value = loss_total / n_global
+        means = {k: v / n_global for k, v in zip(names, extra_sums)}
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.backend.zero_grad()
             self.nan_skips += 1
@@ -285,14 +391,26 @@ class Trainer:
                 )
             warnings.warn(f"step {self.step}: non-finite {what}; update skipped ({self.nan_skips}/{t.max_nan_skips})",
                           stacklevel=2)
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.step, None)
             return None
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(self)
         self.backend.step()
         self.backend.zero_grad()
-        for moe in self.job.model.moe_layers():
-            moe.expert_load.copy_(self.runtime.all_reduce_sum(moe.expert_load))
-        self.job.model.update_expert_biases()
-        self.tokens_seen += n_global
-        return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": n_global, **means}
+        self.tokens_seen += tokens
+        metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **means}
+        for cb in self.callbacks:
+            cb.on_step_end(self, self.step, metrics)
+        return metrics
+
+    @staticmethod
+    def _read_step(counts: torch.Tensor, sums: torch.Tensor, grad_norm: torch.Tensor | float) -> list[float]:
+        """The step's one host sync: [normaliser, tokens, loss sum, grad norm, stop flag, metric sums...]."""
+        norm = torch.as_tensor(grad_norm, dtype=torch.float64, device=sums.device).reshape(1)
+        values = torch.cat([counts.double(), sums[:1], norm, sums[1:]]).tolist()
+        values[0], values[1] = int(values[0]), int(values[1])
+        return values
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
@@ -321,12 +439,14 @@ class Trainer:
                     if val:
                         self.val_metrics = val
                         logger.log(self.step, val)
+                        for cb in self.callbacks:
+                            cb.on_validation(self, val)
                 logger.advance()
-                # Ranks may receive SIGTERM at different step boundaries: agree (any rank stopped -> all stop)
-                # before the checkpoint collective, or one rank would checkpoint while another trains on.
-                flag = torch.tensor(int(self._stop_signal is not None), device=self.runtime.device)
-                signalled = self.runtime.all_reduce_sum(flag)
-                stop = bool(signalled.item()) or (t.stop_after_steps is not None and self.step >= t.stop_after_steps)
+                # Ranks may receive SIGTERM at different step boundaries: they agree (any rank stopped -> all stop)
+                # through the flag summed with the step's metrics, or one rank would checkpoint while another
+                # trains on. One process needs no agreement and sees a signal as soon as the step ends.
+                signalled = self._stop_agreed if self.runtime.distributed else self._stop_signal is not None
+                stop = signalled or (t.stop_after_steps is not None and self.step >= t.stop_after_steps)
                 if stop and self.step < t.max_steps:
                     self.save_checkpoint()
                     status = "interrupted"
@@ -338,6 +458,7 @@ class Trainer:
                     break
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
                     self.save_checkpoint()
+            self.finish_checkpoint()
         finally:
             logger.close()
             for sig, handler in previous_handlers.items():
@@ -350,10 +471,14 @@ class Trainer:
         if status == "finished":
             if start_step < self.step:  # else the checkpoint we resumed from is this one
                 self.save_checkpoint()
+                self.finish_checkpoint()
             summary["final"] = str(self.export_final())
             if self.runtime.is_main and self.cfg.logger.plot:
                 summary["loss_curve"] = _plot_or_warn(logger.jsonl_path, self.out_dir / "loss_curve.png",
                                                       self.cfg.stage.name)
+        self.ckpt.wait()  # the background hashes of the large checkpoint files
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
         if self.runtime.is_main:
             write_json_atomic(self.out_dir / "summary.json", summary)
         return summary
@@ -372,6 +497,16 @@ class Trainer:
             replace_dir(tmp, final)
         self.runtime.barrier()
         return final
+
+
+@dataclass
+class _PendingCheckpoint:
+    """An asynchronous save in flight; committed (renamed into place) exactly once, by rank 0."""
+
+    future: Any
+    step: int
+    committed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _plot_or_warn(metrics_path: Path, png: Path, title: str) -> str | None:

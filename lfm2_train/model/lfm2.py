@@ -22,6 +22,10 @@ from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 from .layout import BatchLayout, doc_ids_from_position_ids, position_ids_from_doc_ids
 from .moe import Experts, MoEFeedForward
 
+# (target parameter or buffer, its full value on the CPU) -> None: how an initial value reaches storage that
+# may be sharded (see `reset_parameters`).
+Assign = Callable[[torch.Tensor, torch.Tensor], None]
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: `h += mixer(norm(h)); h += ffn(norm(h))`."""
@@ -146,24 +150,66 @@ class LFM2ForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- init
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for every matrix and the conv taps; ones for norms; zero biases."""
+    def reset_parameters(self, assign: Assign | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix and the conv taps; ones for norms; zero biases.
+
+        With `assign(target, value)`, every value is first made whole on the CPU (same op, shape and generator
+        as the in-place init, so the same numbers) and handed to `assign`, which writes it into `target`
+        however `target` is stored — a sharded parameter keeps only its shard. Buffers are recomputed too.
+        """
         std = self.config.initializer_range
+
+        def normal(t: torch.Tensor) -> None:
+            if assign is None:
+                nn.init.normal_(t, 0.0, std)
+            else:
+                assign(t, torch.empty(t.shape, dtype=torch.float32, device="cpu").normal_(0.0, std))
+
+        def fill(t: torch.Tensor, value: float) -> None:
+            if assign is None:
+                t.fill_(value)
+            else:
+                assign(t, torch.full(t.shape, value, dtype=t.dtype, device="cpu"))
+
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                nn.init.normal_(module.weight, 0.0, std)
+                normal(module.weight)
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    fill(module.bias, 0.0)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                fill(module.weight, 1.0)
             elif isinstance(module, Experts):
                 for p in (module.w1, module.w3, module.w2):
-                    nn.init.normal_(p, 0.0, std)
+                    normal(p)
             elif isinstance(module, MoEFeedForward):
-                module.expert_bias.zero_()
-                module.expert_load.zero_()
-        if self.config.tie_word_embeddings:
+                fill(module.expert_bias, 0.0)
+                fill(module.expert_load, 0.0)
+            elif isinstance(module, RotaryEmbedding) and assign is not None:
+                with torch.device("cpu"):
+                    assign(module.inv_freq, RotaryEmbedding(self.config.head_size, self.config.rope_theta).inv_freq)
+        if self.config.tie_word_embeddings and assign is None:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_like_eager(self, assign: Assign) -> None:
+        """Initialise a model built on the meta device (and sharded, materialised) exactly as `LFM2ForCausalLM(
+        config)` would have from the same generator state.
+
+        Eager construction lets torch.nn initialise every Linear / Embedding / Conv1d by its own rule before
+        `reset_parameters` overwrites them: the values are discarded, but the generator advanced. Those draws
+        are replayed, one throw-away CPU module at a time (never more than one layer in memory), then
+        `reset_parameters(assign)` runs.
+        """
+        with torch.device("cpu"):
+            for m in self.modules():
+                if type(m) is nn.Linear:
+                    nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+                elif type(m) is nn.Embedding:
+                    nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx)
+                elif type(m) is nn.Conv1d:
+                    nn.Conv1d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                              dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
+        self.reset_parameters(assign)
 
     # ---------------------------------------------------------------- forward
     def forward(

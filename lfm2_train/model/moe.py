@@ -89,7 +89,7 @@ class MoEFeedForward(nn.Module):
         all-reduces `expert_load` first so every rank applies the same update.
         """
         load = self.expert_load.clone()
-        if self.use_expert_bias and self.bias_update == "sign" and load.sum() > 0:
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        if self.use_expert_bias and self.bias_update == "sign":  # no update without load; decided on the device
+            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load) * (load.sum() > 0)
         self.expert_load.zero_()
         return load

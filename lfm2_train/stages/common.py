@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..model import LFM2Config, LFM2ForCausalLM, get_preset
+from ..model.hf_io import read_config
 from ..model.lora import LoRAConfig, apply_lora, load_lora_state
 from ..model.peft_io import load_model, read_adapter_config, read_adapter_state
 from ..model.qlora import quantize_base
@@ -24,12 +25,26 @@ def model_config(model_cfg: DictConfig) -> LFM2Config:
     return LFM2Config.from_dict(base, source="model.overrides")
 
 
-def build_model(model_cfg: DictConfig) -> LFM2ForCausalLM:
+def build_model(model_cfg: DictConfig, meta: bool = False) -> LFM2ForCausalLM:
     """`model.init_from` if set — an HF LFM2 directory, or a PEFT adapter directory folded into the base it
-    names — else a randomly initialised preset."""
+    names — else a randomly initialised preset.
+
+    `meta=True` (see `engine.distributed.builds_on_meta`): shapes only; the training backend shards the model
+    and then loads or initialises it shard by shard, with the same values as the eager build. An adapter
+    directory is folded into its base eagerly (the fold needs the base's values)."""
+    if model_cfg.init_from and model_cfg.overrides:
+        raise ValueError("model.overrides cannot change the architecture of model.init_from; remove them")
+    is_adapter = bool(model_cfg.init_from) and (Path(model_cfg.init_from) / "adapter_config.json").is_file()
+    if meta and not is_adapter:
+        from ..engine.meta_init import build_on_meta
+
+        if not model_cfg.init_from:
+            return build_on_meta(model_config(model_cfg))
+        config = read_config(model_cfg.init_from)
+        if model_cfg.attn_implementation is not None:
+            config = config.replace(attn_implementation=model_cfg.attn_implementation)
+        return build_on_meta(config, init_from=model_cfg.init_from)
     if model_cfg.init_from:
-        if model_cfg.overrides:
-            raise ValueError("model.overrides cannot change the architecture of model.init_from; remove them")
         return load_model(model_cfg.init_from, attn_implementation=model_cfg.attn_implementation)
     return LFM2ForCausalLM(model_config(model_cfg))
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from ..data.format import load_manifest
 from ..data.teacher_cache import TeacherCache
+from ..engine.callbacks import Callback
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer
 from ..losses import KDParams, ce_kd_chunk, fused_head_loss, lm_loss
@@ -36,8 +37,8 @@ def anneal(start: float, end: float | None, progress: float, shape: str) -> floa
     return start + (end - start) * p
 
 
-class DistillLoss:
-    """Loss function object: holds the cache and the current (annealed) lambda and tau."""
+class DistillLoss(Callback):
+    """Loss function object and trainer callback: holds the cache and the current (annealed) lambda and tau."""
 
     def __init__(self, cache: TeacherCache, kd_cfg: Any) -> None:
         self.cache = cache
@@ -46,7 +47,10 @@ class DistillLoss:
                                weight_value=kd_cfg.weight_value, tau_squared=kd_cfg.tau_squared)
         self.kd_weight = kd_cfg.kd_weight
 
-    def on_step(self, step: int, max_steps: int) -> None:
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        self.anneal_to(step, trainer.cfg.trainer.max_steps)
+
+    def anneal_to(self, step: int, max_steps: int) -> None:
         progress = step / max(max_steps - 1, 1)
         c = self.cfg
         tau = anneal(c.temperature, c.temperature_end, progress, c.schedule)
@@ -80,7 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loss = DistillLoss(cache, stage.kd)
     job.loss_fn = loss
     job.eval_loss_fn = lm_loss
-    job.step_hooks.append(loss.on_step)
+    job.callbacks.append(loss)
     job.inputs.update(teacher_cache=str(stage.teacher_cache), teacher=cache.manifest.teacher, k=cache.k)
     summary = Trainer(cfg, job, runtime).fit()
     if runtime.is_main:

@@ -1,6 +1,8 @@
 """`stage=export`: a trained model directory as a Hugging Face directory or a llama.cpp GGUF file.
 
-`stage.format=hf` copies the directory (optionally re-cast to `stage.dtype`) and proves it loads, in our
+`stage.source` is a model directory, a PEFT adapter directory (folded into its base) or a training checkpoint
+(`checkpoints/step-N/`, sharded: its weights are gathered in one process). `stage.format=hf` copies the
+directory (optionally re-cast to `stage.dtype`) and proves it loads, in our
 model and in `transformers`; `stage.format=gguf` writes one GGUF file with the tokenizer and chat template
 embedded (lfm2_train/export/gguf.py). Both write atomically; docs/DEPLOY.md has the whole path to llama.cpp.
 """
@@ -13,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..engine.dcp import DCP_DIR, export_checkpoint
 from ..export import export_gguf, export_hf, gguf_dtypes
 from ..merge.adapters import merge_adapter_into
 from ..model.peft_io import is_adapter_dir
@@ -28,6 +31,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not source:
         raise ValueError("stage=export needs a model directory: stage.source=<dir> (or model.init_from=<dir>)")
     out_dir = Path(cfg.output_dir)
+    if (Path(source) / DCP_DIR).is_dir():  # a training checkpoint (checkpoints/step-N): its weights first
+        source = str(export_checkpoint(source, out_dir / "from_checkpoint"))
     if stage.merge_adapter or is_adapter_dir(source):  # LoRA: fold the adapter(s) into a full checkpoint first
         base, adapter = (source, stage.merge_adapter) if stage.merge_adapter else (None, source)
         source = str(merge_adapter_into(base, adapter, out_dir / "folded"))

@@ -36,7 +36,7 @@ from ..data.preference import (
     pairs_hash,
 )
 from ..data.ref_logps import reference_logps
-from ..engine.distributed import Runtime
+from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.trainer import Trainer, TrainJob
 from ..losses.preference import PreferenceLoss, pair_logps, pair_logps_split
 from ..model.lora import disable_adapters
@@ -173,7 +173,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
                                            model=ref_model, reference_variant=variant)
 
     if model is None:
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, meta=builds_on_meta(cfg))
     if data_cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")

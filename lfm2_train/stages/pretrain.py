@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, load_order, verify_shards
 from ..data.pacing import PacingConfig, paced_indices
 from ..data.packed import DocumentStream, split_documents
-from ..engine.distributed import Runtime
+from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2Config
@@ -66,7 +66,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
              else model_config(cfg.model)).vocab_size
     check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=vocab,
                      source=str(dataset_dir))
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, meta=builds_on_meta(cfg))
     if data.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")

@@ -28,7 +28,7 @@ from ..data.mixed_stream import MixedStream
 from ..data.pacing import PacingConfig
 from ..data.packed import DocumentStream, split_documents
 from ..data.sft_stream import SFTStream, count_rows, positions_needed
-from ..engine.distributed import Runtime
+from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
@@ -139,7 +139,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     if data_cfg.path is not None or data_cfg.order is not None:
         raise ValueError("stage=sft reads chat data from stage.dataset (and orders it with stage.curriculum); "
                          "data.path / data.order are for token shards — unset them")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, meta=builds_on_meta(cfg))
     if data_cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -101,14 +102,19 @@ class _Planted:
         return (Path.touch, (Path(self.marker),))
 
 
-@pytest.mark.parametrize("victim", ["rng.pt", "optimizer.pt"])
+@pytest.mark.parametrize("victim", ["rng.pt", "dcp/.metadata"])
 def test_a_planted_pickle_in_a_checkpoint_is_refused_before_it_runs(tmp_path, tiny_dataset, victim):
+    """rng.pt is read with weights_only=True; DCP's .metadata (which DCP itself would `pickle.load`) through
+    an unpickler that builds DCP's metadata classes only."""
     run_stage(_cfg(tmp_path, tiny_dataset, "trainer.stop_after_steps=2"))
     ckpt = tmp_path / "checkpoints" / "step-00000002"
     marker = tmp_path / "pwned"
-    torch.save({"state": _Planted(str(marker))}, ckpt / victim)
+    if victim.endswith(".metadata"):
+        (ckpt / victim).write_bytes(pickle.dumps({"state": _Planted(str(marker))}))
+    else:
+        torch.save({"state": _Planted(str(marker))}, ckpt / victim)
     _reseal(ckpt)  # the checksums cannot tell a crafted file from a good one
-    with pytest.raises(CheckpointError, match=f"{victim} holds something other than tensors"):
+    with pytest.raises(CheckpointError, match=f"{victim} holds something other than"):
         run_stage(_cfg(tmp_path, tiny_dataset))
     assert not marker.exists()
 
