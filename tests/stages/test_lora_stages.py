@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize
 from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
 
 from lfm2_train.config import register_configs
 from lfm2_train.engine.distributed import Runtime
@@ -86,10 +87,12 @@ def test_sft_lora_trains_writes_a_peft_adapter_and_leaves_the_base(tmp_path, bas
     assert keys and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in keys)
     # checkpoints hold the adapter and an optimizer over adapter tensors only
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
-    assert is_adapter_dir(ckpt / "model")
-    optim = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    stored = list(FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata)
+    model_keys = [k for k in stored if k.startswith("model.")]
+    optim_tensors = {k.rsplit(".", 1)[0] for k in stored if k.startswith("optim.state.")}
     n_adapter = len(read_adapter_state(final))
-    assert len(optim["state"]) == n_adapter
+    assert len(model_keys) == n_adapter and all(".lora_" in k for k in model_keys)
+    assert len(optim_tensors) == n_adapter and all(".lora_" in k for k in optim_tensors)
     # the folded model = base + adapter, and it differs from the untouched base
     folded, base = load_model(final).eval(), LFM2ForCausalLM.from_pretrained(base_dir).eval()
     x = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
