@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize
+from torch.distributed.checkpoint import FileSystemReader
 
 from lfm2_train.config import register_configs
 from lfm2_train.model import LFM2ForCausalLM, get_preset
@@ -95,5 +96,7 @@ def test_ddp_lora_interrupted_and_resumed_matches_one_process(tmp_path, setup):
 def test_fsdp2_lora_matches_one_process(tmp_path, setup):
     overrides, single = setup
     _launch(tmp_path, [*overrides, "trainer.micro_batch_size=2", "distributed=fsdp2", "trainer.checkpoint_every=2"])
-    assert (tmp_path / "checkpoints" / "step-00000002" / "model" / "adapter_model.safetensors").is_file()
+    stored = FileSystemReader(str(tmp_path / "checkpoints" / "step-00000002" / "dcp")).read_metadata()
+    model_keys = [k for k in stored.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_" in k for k in model_keys)  # the sharded checkpoint holds the adapters only
     _assert_same(tmp_path, single, "fsdp2")
