@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -369,6 +369,29 @@ class ChainStageConfig:
     eval_levels: list[int] | None = None  # task levels (lfm2_train/tasks/arithmetic.py LEVELS); None = the chain's
 
 
+# ---- stage: plan ----------------------------------------------------------------------------------------
+@dataclass
+class PlanStageConfig:
+    """`stage=plan`: per-rank memory and throughput of a training recipe at real size, on fake tensors
+    (docs/SCALING.md). The node is open: a recipe's own stage keys (stage.teacher_cache, stage.kd, ...)
+    compose under it, and the planner re-reads the recipe to learn which stage it plans. Its settings are
+    the root key `plan` (PlanConfig)."""
+
+    name: str = "plan"
+
+
+@dataclass
+class PlanConfig:
+    """Settings of `stage=plan` (ignored by every other stage)."""
+
+    gpus: int | None = None  # world size; None = the GPU count the recipe states (1 when it states none)
+    gpu_memory_gb: float = 80.0  # memory of one GPU, GiB
+    reserved_gb: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation: not tensors, not tracked
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the throughput estimate
+    peak_tflops: float = 989.0  # dense bf16 peak of one GPU (989 = H100 SXM)
+    all_recipes: bool = False  # plan every shipped training recipe on its stated hardware (a markdown table)
+
+
 # ------------------------------------------------------------------------------------------------ root
 @dataclass
 class RootConfig:
@@ -390,6 +413,7 @@ class RootConfig:
     trainer: TrainerConfig = MISSING
     distributed: DistributedConfig = MISSING
     logger: LoggerConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)  # read by stage=plan only
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch's default (1 for CPU training < 20M params)
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -414,6 +438,10 @@ def register_configs() -> None:
     # eval / search (issue 8)
     cs.store(group="stage", name="eval", node=EvalStageConfig)
     cs.store(group="stage", name="search", node=SearchStageConfig)
+    # plan: an open node, so a recipe's stage keys (stage.teacher_cache, stage.kd, ...) compose under it
+    plan_node = OmegaConf.structured(PlanStageConfig)
+    OmegaConf.set_struct(plan_node, False)
+    cs.store(group="stage", name="plan", node=plan_node)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

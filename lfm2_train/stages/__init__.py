@@ -25,6 +25,7 @@ STAGES = {
     # eval / search (issue 8)
     "eval": "lfm2_train.stages.eval",
     "search": "lfm2_train.stages.search",
+    "plan": "lfm2_train.stages.plan",
 }
 
 
