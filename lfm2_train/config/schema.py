@@ -84,6 +84,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nan_skips: int = 3
     log_every: int = 1
+    prefetch: int = 1  # batches this rank prepares ahead on a background thread (0 = inside the step)
     progress_bar: bool = True
     stop_after_steps: int | None = None  # debug: behave as if SIGTERM arrived after this step
 
