@@ -3,10 +3,9 @@
 The model is built under `FakeTensorMode` (tensors with shapes, dtypes and storage sizes but no data) with a
 fake process group of the planned world size, and wrapped by the trainer's own backend
 (`engine/distributed.py`: activation checkpointing, then DDP / FSDP2), so the plan follows the code that
-trains rather than a formula of it. Two optimizer steps (one micro-step to create the optimizer state,
-then a whole accumulation of `grad_accum` micro-steps) run through the
-backend's own gradient-sync context (FSDP2 keeps unsharded gradients between unsynchronised micro-steps,
-which a formula easily forgets). torch's `MemTracker` / `FSDPMemTracker` count live storage bytes by
+trains rather than a formula of it. After an optimizer step on zero gradients (which creates the AdamW
+state), one whole step of `grad_accum` micro-steps runs through the backend's own gradient-sync context
+(FSDP2 keeps unsharded gradients between unsynchronised micro-steps, which a formula easily forgets). torch's `MemTracker` / `FSDPMemTracker` count live storage bytes by
 category and keep the peak. The same function runs on real tensors, which is how the test holds the fake
 numbers to a real measurement.
 
@@ -197,7 +196,7 @@ def planning_loss(kind: str, stage_cfg: Any = None) -> Callable[[torch.nn.Module
 
 
 def measure_step(cfg: DictConfig, config: LFM2Config, world_size: int, *, fake: bool = True) -> StepMemory:
-    """Peak per-rank memory of two optimizer steps of the training config `cfg` (stage, trainer,
+    """Peak per-rank memory of an optimizer step of the training config `cfg` (stage, trainer,
     distributed, data.seq_len) for the model `config`, on fake tensors (any size) or real ones (tiny sizes)."""
     stage = cfg.stage.name
     if stage not in STAGE_KINDS:
@@ -224,18 +223,21 @@ def measure_step(cfg: DictConfig, config: LFM2Config, world_size: int, *, fake: 
         loss_fn = planning_loss(kind, run_cfg.stage)
         autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16) if bf16 else nullcontext
         with tracker:
-            # The first step only creates the optimizer state (one micro-step is enough); the second is a
-            # whole accumulation with that state alive, which is where the steady-state peak lies.
-            for micro_steps in (1, t.grad_accum):
-                for i in range(micro_steps):
-                    tracker.reset_mod_stats()  # per-module stats cover one forward; the global peak stays
-                    with backend.sync_context(i == micro_steps - 1), autocast():
-                        loss = loss_fn(backend.model, batch)[0]
-                        backend.backward(loss * 1e-3)
-                grads = [p for p in backend.model.parameters() if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(grads, max(float(run_cfg.optim.grad_clip), 1e-6))
-                backend.step()
-                backend.zero_grad()
+            # A step on zero gradients creates the optimizer state without a forward; the traced step is then
+            # a whole accumulation with that state alive, which is where the steady-state peak lies.
+            for p in backend.model.parameters():
+                p.grad = torch.zeros_like(p)
+            backend.step()
+            backend.zero_grad()
+            for i in range(t.grad_accum):
+                tracker.reset_mod_stats()  # per-module stats cover one forward; the global peak stays
+                with backend.sync_context(i == t.grad_accum - 1), autocast():
+                    loss = loss_fn(backend.model, batch)[0]
+                    backend.backward(loss * 1e-3)
+            grads = [p for p in backend.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, max(float(run_cfg.optim.grad_clip), 1e-6))
+            backend.step()
+            backend.zero_grad()
         snapshot = tracker.get_tracker_snapshot("peak")
         params = backend.model.parameters()
         buckets = 0 if wrapper == backend_kind else sum(p.numel() * p.element_size() for p in params)
