@@ -5,9 +5,9 @@ fake process group of the planned world size, and wrapped by the trainer's own b
 (`engine/distributed.py`: activation checkpointing, then DDP / FSDP2), so the plan follows the code that
 trains rather than a formula of it. After an optimizer step on zero gradients (which creates the AdamW
 state), one whole step of `grad_accum` micro-steps runs through the backend's own gradient-sync context
-(FSDP2 keeps unsharded gradients between unsynchronised micro-steps, which a formula easily forgets). torch's `MemTracker` / `FSDPMemTracker` count live storage bytes by
-category and keep the peak. The same function runs on real tensors, which is how the test holds the fake
-numbers to a real measurement.
+(FSDP2 keeps unsharded gradients between unsynchronised micro-steps, which a formula easily forgets).
+torch's `MemTracker` / `FSDPMemTracker` count live storage bytes by category and keep the peak. The same
+function runs on real tensors, which is how the test holds the fake numbers to a real measurement.
 
 Approximations, stated wherever a plan is printed: MoE routing is taken as perfectly balanced (the real
 dispatch is data-dependent, which fake tensors cannot follow; the experts then run as batched matmuls, which
