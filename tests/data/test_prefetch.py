@@ -92,3 +92,38 @@ def test_errors_reach_the_consumer_in_order(reader):
             n += 1
     assert n > 0
     ahead.close()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sft_rows_per_rank_equal_the_global_batch_sliced(world):
+    from lfm2_train.data.chat import EncodedChat
+    from lfm2_train.data.sft_stream import SFTStream
+
+    rng = np.random.default_rng(3)
+    examples = [EncodedChat(list(range(n)), list(range(n))) for n in rng.integers(2, 20, size=60)]
+    sequence = rng.permutation(len(examples))
+    whole = SFTStream(examples, sequence, 24)
+    ranks = [SFTStream(examples, sequence, 24) for _ in range(world)]
+    for _ in range(3):
+        batch = whole.next_batch(8)
+        parts = [s.next_local_batch(8, r, world) for r, s in enumerate(ranks)]
+        assert all(torch.equal(torch.cat([p[k] for p in parts]), batch[k]) for k in batch)
+        assert all(s.state == whole.state for s in ranks)
+
+
+def test_preference_pairs_per_rank_are_the_global_pairs_each_padded_alone():
+    from lfm2_train.data.preference import EncodedPair, PairStream
+
+    rng = np.random.default_rng(4)
+    pairs = [EncodedPair(tuple(range(3)), tuple(range(int(a))), tuple(range(int(b))), i)
+             for i, (a, b) in enumerate(rng.integers(1, 12, size=(10, 2)))]
+    whole, ranks = PairStream(pairs, 0, None, seed=1), [PairStream(pairs, 0, None, seed=1) for _ in range(2)]
+    for _ in range(4):  # crosses an epoch boundary (10 pairs, 4 per step)
+        batch = whole.next_batch(4)
+        parts = [s.next_local_batch(4, r, 2) for r, s in enumerate(ranks)]
+        assert torch.equal(torch.cat([p["pair_index"] for p in parts]), batch["pair_index"])
+        for r, part in enumerate(parts):
+            T = part["input_ids"].shape[-1]
+            assert torch.equal(part["input_ids"], batch["input_ids"][2 * r:2 * r + 2, :, :T])
+            assert (batch["doc_ids"][2 * r:2 * r + 2, :, T:] == -1).all()  # only padding was left out
+        assert all(s.state == whole.state for s in ranks)
