@@ -390,7 +390,8 @@ class PlanConfig:
     reserved_gb: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation: not tensors, not tracked
     mfu: float = 0.4  # model FLOPs utilisation assumed for the throughput estimate
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (989 = H100 SXM)
-    all_recipes: bool = False  # plan every shipped training recipe on its stated hardware (a markdown table)
+    all_recipes: bool = False  # plan every shipped recipe on its stated hardware (a markdown table)
+    recipes: list[str] = field(default_factory=list)  # or plan these recipes so (a markdown table)
 
 
 # ------------------------------------------------------------------------------------------------ root

@@ -204,9 +204,9 @@ def _recipe_of(overrides: list[str]) -> str | None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     settings = cfg.plan
-    if settings.all_recipes:
+    if settings.all_recipes or settings.recipes:
         plans = []
-        for recipe in shipped_recipes():
+        for recipe in shipped_recipes() if settings.all_recipes else settings.recipes:
             train_cfg = compose_training_config([f"recipe={recipe}"])
             plan = plan_config(train_cfg, OmegaConf.merge(settings, {"gpus": None}), recipe)
             print(plan.report(), flush=True)

@@ -61,3 +61,12 @@ def test_cli_plans_a_recipe(tmp_path):
          "plan.gpus=4", "plan.gpu_memory_gb=24", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300, check=True)
     assert "stage=sft" in out.stdout and "on 4 GPU(s) x 24 GiB" in out.stdout and "fits:" in out.stdout
+
+
+def test_a_list_of_recipes_gives_a_table(capsys):
+    from lfm2_train.stages.plan import run
+
+    cfg = OmegaConf.create({"plan": {**SETTINGS, "all_recipes": False, "recipes": ["lfm2-350m/eval"]}})
+    out = run(cfg)
+    assert out["plans"] == 1 and "| lfm2-350m/eval | eval |" in out["table"]
+    assert "does not train" in capsys.readouterr().out
