@@ -5,7 +5,8 @@ The dataset is many short documents (packing cost grows with documents per row),
 (a step of a few tens of ms, so the data work is a visible share of it). Runs alternate between the two
 settings so machine noise hits both alike; the report gives the median seconds per step of each and
 their ratio (each run's number is the median over its steps of the trainer's own step timer, which starts
-before the batch is fetched), plus the cost of packing one step's batch on its own.
+before the batch is fetched), the time each step waits for its batch (what prefetching removes), and the
+cost of packing one step's batch on its own.
 
     PYTHONPATH=. python bench/bench_prefetch.py            # 3 repetitions x 40 steps each
     PYTHONPATH=. python bench/bench_prefetch.py --quick    # smoke run
@@ -29,6 +30,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from lfm2_train.data.format import Manifest, ShardReader, write_shard  # noqa: E402
 from lfm2_train.data.packed import DocumentStream  # noqa: E402
+from lfm2_train.data.prefetch import RankBatches  # noqa: E402
 from lfm2_train.stages import run_stage  # noqa: E402
 from lfm2_train.stages.plan import compose_training_config  # noqa: E402
 from lfm2_train.tokenizer import LFM2Tokenizer, tiny_tokenizer_path  # noqa: E402
@@ -65,7 +67,22 @@ def step_seconds(data: Path, out: Path, prefetch: int, args: argparse.Namespace)
         f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.checkpoint_every=0",
         "trainer.progress_bar=false", "logger=disabled", "trainer.resume=never", f"trainer.prefetch={prefetch}",
         f"output_dir={out}"])
-    run_stage(cfg)
+    waits: list[float] = []
+    original = RankBatches.next_batch
+
+    def timed(self: RankBatches, global_rows: int) -> dict:
+        started = time.perf_counter()
+        try:
+            return original(self, global_rows)
+        finally:
+            waits.append(time.perf_counter() - started)
+
+    RankBatches.next_batch = timed  # the time the step spends waiting for its batch
+    try:
+        run_stage(cfg)
+    finally:
+        RankBatches.next_batch = original
+    args.waits[prefetch].append(statistics.median(waits[2:]))
     # The trainer times each step from asking for its batch to the optimizer update (its `tok/s`); the
     # first steps warm up allocators and the producer thread, and stage start-up / export are not steps.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -89,6 +106,7 @@ def main() -> None:
         data = write_dataset(Path(tmp) / "data", docs, args.mean_doc_len)
         pack = packing_seconds(data, args.rows, args.seq_len, min(args.steps, 20))
         times: dict[int, list[float]] = {0: [], 1: []}
+        args.waits = {0: [], 1: []}
         for rep in range(args.reps):
             for prefetch in ((0, 1) if rep % 2 == 0 else (1, 0)):
                 times[prefetch].append(step_seconds(data, Path(tmp) / f"run-{rep}-{prefetch}", prefetch, args))
@@ -99,6 +117,9 @@ def main() -> None:
     print(f"step time, prefetch=0: {off * 1e3:.1f} ms (runs {[round(t * 1e3, 1) for t in times[0]]})")
     print(f"step time, prefetch=1: {on * 1e3:.1f} ms (runs {[round(t * 1e3, 1) for t in times[1]]})")
     print(f"prefetch=1 / prefetch=0: {on / off:.3f}")
+    w0, w1 = statistics.median(args.waits[0]), statistics.median(args.waits[1])
+    print(f"time the step waits for its batch (median per step): prefetch=0 {w0 * 1e3:.2f} ms, "
+          f"prefetch=1 {w1 * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
