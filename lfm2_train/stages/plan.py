@@ -170,7 +170,7 @@ def markdown_table(plans: list[Plan]) -> str:
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in plans:
         if p.memory is None:
-            rows.append(f"| {p.recipe} | {p.stage} | {p.preset} | | | | | | | | | | no training step | | |")
+            rows.append(f"| {p.recipe} | {p.stage} | | | | | | | | | | | no training step | | |")
             continue
         m = p.memory
         g = [f"{x / GIB:.1f}" for x in (m.params, m.grads, m.optimizer, m.activations, m.peak)]
