@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -106,6 +106,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nan_skips: int = 3
     log_every: int = 1
+    prefetch: int = 1  # batches this rank prepares ahead on a background thread (0 = inside the step)
     progress_bar: bool = True
     stop_after_steps: int | None = None  # debug: behave as if SIGTERM arrived after this step
 
@@ -428,6 +429,30 @@ class ExportStageConfig:
     merge_adapter: str | None = None
 
 
+# ---- stage: plan ----------------------------------------------------------------------------------------
+@dataclass
+class PlanStageConfig:
+    """`stage=plan`: per-rank memory and throughput of a training recipe at real size, on fake tensors
+    (docs/SCALING.md). The node is open: a recipe's own stage keys (stage.teacher_cache, stage.kd, ...)
+    compose under it, and the planner re-reads the recipe to learn which stage it plans. Its settings are
+    the root key `plan` (PlanConfig)."""
+
+    name: str = "plan"
+
+
+@dataclass
+class PlanConfig:
+    """Settings of `stage=plan` (ignored by every other stage)."""
+
+    gpus: int | None = None  # world size; None = the GPU count the recipe states (1 when it states none)
+    gpu_memory_gb: float = 80.0  # memory of one GPU, GiB
+    reserved_gb: float = 5.0  # CUDA context, NCCL buffers, allocator fragmentation: not tensors, not tracked
+    mfu: float = 0.4  # model FLOPs utilisation assumed for the throughput estimate
+    peak_tflops: float = 989.0  # dense bf16 peak of one GPU (989 = H100 SXM)
+    all_recipes: bool = False  # plan every shipped recipe on its stated hardware (a markdown table)
+    recipes: list[str] = field(default_factory=list)  # or plan these recipes so (a markdown table)
+
+
 # ------------------------------------------------------------------------------------------------ root
 @dataclass
 class RootConfig:
@@ -449,6 +474,7 @@ class RootConfig:
     trainer: TrainerConfig = MISSING
     distributed: DistributedConfig = MISSING
     logger: LoggerConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)  # read by stage=plan only
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None = torch's default (1 for CPU training < 20M params)
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -474,6 +500,10 @@ def register_configs() -> None:
     cs.store(group="stage", name="eval", node=EvalStageConfig)
     cs.store(group="stage", name="search", node=SearchStageConfig)
     cs.store(group="stage", name="export", node=ExportStageConfig)
+    # plan: an open node, so a recipe's stage keys (stage.teacher_cache, stage.kd, ...) compose under it
+    plan_node = OmegaConf.structured(PlanStageConfig)
+    OmegaConf.set_struct(plan_node, False)
+    cs.store(group="stage", name="plan", node=plan_node)
     for preset in PRESETS:
         cs.store(group="model", name=preset, node=ModelConfig(preset=preset))
     cs.store(group="data", name="default", node=DataConfig)

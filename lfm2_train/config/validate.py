@@ -20,7 +20,15 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
-from .schema import DataConfig, DistributedConfig, LoggerConfig, ModelConfig, OptimConfig, TrainerConfig
+from .schema import (
+    DataConfig,
+    DistributedConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    PlanConfig,
+    TrainerConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -28,7 +36,8 @@ class ConfigError(ValueError):
 
 
 _GROUPS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-           "distributed": DistributedConfig, "logger": LoggerConfig}
+           "distributed": DistributedConfig, "logger": LoggerConfig, "plan": PlanConfig}
+_OPEN_STAGES = {"plan"}  # stage=plan takes the planned recipe's stage keys, whatever stage that is
 _ROOT_KEYS = {"stage", *_GROUPS, "seed", "threads", "output_dir", "defaults"}
 
 _NUMBER = (int, float)
@@ -154,7 +163,7 @@ def check_known_keys(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown top-level key {unknown[0]!r}{_closest(unknown[0], sorted(_ROOT_KEYS))}")
     schemas: dict[str, Any] = {group: OmegaConf.structured(cls) for group, cls in _GROUPS.items()}
     stage = cfg.get("stage")
-    if isinstance(stage, DictConfig) and stage.get("name") is not None:
+    if isinstance(stage, DictConfig) and stage.get("name") is not None and stage.name not in _OPEN_STAGES:
         node = _stage_schema(str(stage.name))
         if node is not None:
             schemas["stage"] = node

@@ -41,6 +41,7 @@ class DocumentStream:
         self.sequence = np.asarray(sequence, dtype=np.int64)
         self.seq_len = seq_len
         self.state = PackerState()
+        self._lengths: np.ndarray | None = None  # document lengths, read on the first skipped row
 
     def load_state(self, state: dict[str, int]) -> None:
         self.state = PackerState(**state)
@@ -118,6 +119,49 @@ class DocumentStream:
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """-> input_ids, labels, doc_ids, each (B, seq_len) int64. Raises StopIteration when exhausted."""
         return self._collate([self._next_row() for _ in range(batch_size)])
+
+    def next_local_batch(self, global_rows: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """Rank `rank`'s share (rows [rank * b, (rank + 1) * b), b = global_rows / world_size) of the next global
+        batch, reading only those rows' tokens: the other rows are stepped over with document lengths alone.
+        The stream ends in the same state on every rank, the state `next_batch(global_rows)` leaves."""
+        if global_rows % world_size:
+            raise ValueError(f"{global_rows} rows do not split evenly over {world_size} ranks")
+        b = global_rows // world_size
+        lo, hi = rank * b, (rank + 1) * b
+        saved = PackerState(**self.state.to_dict())
+        rows = []
+        try:
+            for i in range(global_rows):
+                if lo <= i < hi:
+                    rows.append(self._next_row())
+                else:
+                    self._skip_row()
+        except StopIteration:
+            self.state = saved  # an incomplete global batch consumes nothing, on every rank alike
+            raise
+        return self._collate(rows)
+
+    def _skip_row(self) -> None:
+        """`_next_row`'s state transitions from the document lengths, without touching any token."""
+        if self._lengths is None:
+            self._lengths = self.reader.doc_lengths()
+        need, filled = self.seq_len + 1, 0
+        st = self.state
+        saved = (st.cursor, st.offset)
+        while filled < need:
+            if st.cursor >= len(self.sequence):
+                st.cursor, st.offset = saved
+                raise StopIteration
+            length = int(self._lengths[self.sequence[st.cursor]])
+            take = min(length - st.offset, need - filled)
+            filled += take
+            if st.offset + take == length:
+                st.cursor, st.offset = st.cursor + 1, 0
+            else:
+                st.offset += take
+        if st.offset:
+            st.offset -= 1
+        st.rows += 1
 
 
 def split_documents(n_documents: int, val_fraction: float, val_max: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -278,6 +278,18 @@ class PairStream:
         return collate_pairs([self.pairs[i] for i in chosen], self.pad_id, self.ref_logps,
                              [int(self.index[i]) for i in chosen])
 
+    def next_local_batch(self, global_rows: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """Rank `rank`'s pairs of the next global batch of `global_rows` pairs, collated alone (padded to its
+        own longest pair); the position moves past the whole global batch on every rank."""
+        if global_rows % world_size:
+            raise ValueError(f"{global_rows} pairs do not split evenly over {world_size} ranks")
+        b, n = global_rows // world_size, len(self.pairs)
+        start = self.position + rank * b
+        chosen = [int(self._order(pos // n)[pos % n]) for pos in range(start, start + b)]
+        self.position += global_rows
+        return collate_pairs([self.pairs[i] for i in chosen], self.pad_id, self.ref_logps,
+                             [int(self.index[i]) for i in chosen])
+
     @property
     def epoch(self) -> float:
         return self.position / len(self.pairs)

@@ -105,6 +105,36 @@ class SFTStream:
             rows.append(row)
         return self._collate(rows)
 
+    def next_local_batch(self, global_rows: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """Rank `rank`'s rows of the next global batch, packing only those: the other rows are stepped over
+        with the examples' lengths. Every rank ends in the state `next_batch(global_rows)` leaves."""
+        if global_rows % world_size:
+            raise ValueError(f"{global_rows} rows do not split evenly over {world_size} ranks")
+        b = global_rows // world_size
+        saved = SFTStreamState(**self.state.to_dict())
+        rows = []
+        for i in range(global_rows):
+            row = self._fill_row() if rank * b <= i < (rank + 1) * b else self._skip_row()
+            if row is None:
+                self.state = saved
+                raise StopIteration
+            if rank * b <= i < (rank + 1) * b:
+                rows.append(row)
+        return self._collate(rows)
+
+    def _skip_row(self) -> bool | None:
+        """`_fill_row`'s state transitions from the examples' lengths alone; None when the sequence is spent."""
+        st, used = self.state, 0
+        while st.cursor < len(self.sequence):
+            n = positions_needed(self.examples[int(self.sequence[st.cursor])])
+            if used + n > self.seq_len:
+                break
+            used, st.cursor = used + n, st.cursor + 1
+        if used == 0:
+            return None
+        st.rows += 1
+        return True
+
     def drain(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """Every remaining example as batches (for validation), the last batch possibly smaller."""
         rows = []

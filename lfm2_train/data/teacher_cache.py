@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .format import DataFormatError, Manifest, sha256_file, write_array_atomic, write_json_atomic
+from .prefetch import local_rows
 
 CACHE_FORMAT = "lfm2_train.teacher_cache/1"
 CACHE_MANIFEST = "teacher_manifest.json"
@@ -153,3 +154,29 @@ class TeacherCache:
         lp[torch.from_numpy(~valid)] = 0.0
         shape = (*token_index.shape, self.k)
         return torch.from_numpy(ids).view(shape), lp.view(shape)
+
+
+class TeacherBatches:
+    """A token stream whose batches carry their teacher top-K (`teacher_ids` long, `teacher_logprobs` fp32,
+    (B, T, K)), gathered where the batch is made — on the prefetch thread when the trainer prefetches —
+    instead of inside the loss, in the step."""
+
+    def __init__(self, stream: Any, cache: TeacherCache) -> None:
+        self.stream, self.cache = stream, cache
+
+    @property
+    def state(self) -> Any:
+        return self.stream.state
+
+    def load_state(self, state: Any) -> None:
+        self.stream.load_state(state)
+
+    def _with_teacher(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, lp = self.cache.gather(batch["token_index"])
+        return {**batch, "teacher_ids": ids, "teacher_logprobs": lp}
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return self._with_teacher(self.stream.next_batch(batch_size))
+
+    def next_local_batch(self, global_rows: int, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        return self._with_teacher(local_rows(self.stream, global_rows, rank, world_size))

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import replace_dir, temp_sibling, write_model_manifest
 from ..data.format import write_json_atomic
+from ..data.prefetch import RankBatches
 from ..exit_codes import EXIT_INTERRUPTED
 from ..model import LFM2ForCausalLM
 from ..model.hf_io import read_state_dict, write_checkpoint
@@ -121,6 +122,8 @@ class Trainer:
             # into milliseconds per op when the other core is busy (measured: 8x slower whole runs).
             torch.set_num_threads(1)
         self.backend = make_backend(job.model, cfg, self.runtime, trainable_only=job.lora is not None)
+        if not isinstance(job.train, RankBatches):
+            job.train = RankBatches(job.train, self.runtime.rank, self.runtime.world_size, t.get("prefetch", 1))
         self.schedule = LRSchedule.from_config(cfg.optim, t.max_steps)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=t.keep_last)
         self.step = 0
@@ -147,11 +150,9 @@ class Trainer:
         return nullcontext()
 
     def _local_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every rank reads the same global micro-batch and keeps its own rows: the data order (and so the
-        numbers) do not depend on the number of processes."""
-        b = self.cfg.trainer.micro_batch_size
-        lo = self.runtime.rank * b
-        return {k: v[lo:lo + b].to(self.runtime.device) for k, v in batch.items()}
+        """The batch source (`RankBatches`) hands over only this rank's rows of the global micro-batch, whose
+        order does not depend on the number of processes; they only need to reach the device."""
+        return {k: v.to(self.runtime.device) for k, v in batch.items()}
 
     def _count(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch source's `normaliser` / `tokens` of a batch, as a long tensor on the device."""
@@ -460,6 +461,7 @@ class Trainer:
                     self.save_checkpoint()
             self.finish_checkpoint()
         finally:
+            self.job.train.close()
             logger.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)

@@ -23,6 +23,7 @@ STAGES = {
     "eval": "lfm2_train.stages.eval",
     "search": "lfm2_train.stages.search",
     "export": "lfm2_train.stages.export",
+    "plan": "lfm2_train.stages.plan",
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..data.format import load_manifest
-from ..data.teacher_cache import TeacherCache
+from ..data.teacher_cache import TeacherBatches, TeacherCache
 from ..engine.callbacks import Callback
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer
@@ -60,7 +60,10 @@ class DistillLoss(Callback):
                                    tau_squared=c.tau_squared)
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        ids, lp = self.cache.gather(batch["token_index"].cpu())
+        if "teacher_ids" in batch:  # gathered with the batch (TeacherBatches), off the step's critical path
+            ids, lp = batch["teacher_ids"], batch["teacher_logprobs"]
+        else:
+            ids, lp = self.cache.gather(batch["token_index"].cpu())
         device = batch["input_ids"].device
         head = partial(fused_head_loss, fn=ce_kd_chunk(self.params, self.kd_weight),
                        inputs=[batch["labels"], ids.to(device), lp.to(device)])
@@ -81,6 +84,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          vocab_size=job.model.config.vocab_size,
                          tokenizer_fingerprint=job.inputs["tokenizer_fingerprint"],
                          verify_hashes=cfg.data.verify_hashes)
+    job.train = TeacherBatches(job.train, cache)
     loss = DistillLoss(cache, stage.kd)
     job.loss_fn = loss
     job.eval_loss_fn = lm_loss
