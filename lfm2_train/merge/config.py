@@ -4,9 +4,10 @@ Accepted (top level): `merge_method`, `base_model`, `models: [{model, parameters
 `slices: [{sources: [{model, layer_range, parameters}], parameters}]`, `parameters`, `dtype` /
 `out_dtype`, `tokenizer_source` (or `tokenizer: {source}`), plus our `expert_bias` (base | mean) and
 `seed` (DARE / DELLA draws). A parameter value is a scalar, a gradient (a list of numbers
-interpolated over the layers of a slice: embeddings sit at t=0, the final norm and head at t=1), or a
+interpolated over the layers of a slice, layer i of n at t = i / (n - 1), a one-layer slice at t = 1;
+tensors outside the layers — embedding, final norm, head — at t = 0, all as mergekit places them), or a
 list of `{filter, value}` conditions where `filter` is a substring of the tensor name and a condition
-without `filter` matches everything. Lookup order for a model's parameter: its slice source, the
+without `filter` (or with `filter: "*"`) matches everything. Lookup order for a model's parameter: its slice source, the
 slice, its `models` entry, the global `parameters`, the method default; a level whose conditions do not
 match the tensor falls through to the next. Unknown methods, keys and parameter names are errors that
 name them.
@@ -31,38 +32,60 @@ class MergeConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a method accepts: method-level (`global_params`) and per-model (`tensor_params`) parameters."""
+    """What a method accepts: method-level (`global_params`) and per-model (`tensor_params`) parameters,
+    and mergekit's base policy: `required` (task vectors are taken against it), `optional` (used when
+    given) or `input` (a given base_model is just one more input, as mergekit adds it to the models)."""
 
     name: str
     global_params: dict[str, Any]
     tensor_params: dict[str, Any]
-    needs_base: bool
+    base: str = "required"
     sparsification: str | None = None
     consensus: str | None = None
 
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
 
-_GTA_GLOBAL = {"int8_mask": False}
+    @property
+    def task_vectors(self) -> bool:
+        """Whether the base is subtracted from the other inputs (the base is not an input of its own)."""
+        return self.base in ("required", "optional")
+
+
+# mergekit's generalized task arithmetic family: method-level int8_mask / normalize / rescale / lambda,
+# per-model weight / density (+ gamma for breadcrumbs, epsilon for DELLA). `rescale_mode` is ours:
+# l1 (mergekit: restore the task vector's L1 norm per tensor) or inverse_p (the DARE / DELLA papers).
+def _gta(name: str, sparsification: str | None, consensus: str | None, normalize: bool, rescale: bool,
+         extra: dict[str, Any] | None = None) -> MethodSpec:
+    global_params = {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}
+    if sparsification is not None:
+        global_params["rescale_mode"] = "l1"
+    return MethodSpec(name, global_params, {"weight": REQUIRED, "density": 1.0, **(extra or {})},
+                      sparsification=sparsification, consensus=consensus)
+
+
 METHODS: dict[str, MethodSpec] = {m.name: m for m in [
-    MethodSpec("linear", {"normalize": True}, {"weight": REQUIRED}, needs_base=False),
-    MethodSpec("slerp", {"t": REQUIRED}, {}, needs_base=True),
-    MethodSpec("passthrough", {}, {}, needs_base=False),
-    MethodSpec("model_stock", {"filter_wise": False}, {}, needs_base=True),
-    MethodSpec("task_arithmetic", {**_GTA_GLOBAL, "normalize": False, "rescale": False},
-               {"weight": REQUIRED, "density": 1.0}, needs_base=True),
-    MethodSpec("ties", {**_GTA_GLOBAL, "normalize": True, "rescale": False},
-               {"weight": REQUIRED, "density": 1.0}, needs_base=True, sparsification="magnitude", consensus="sum"),
-    MethodSpec("dare_ties", {**_GTA_GLOBAL, "normalize": False, "rescale": True},
-               {"weight": REQUIRED, "density": 1.0}, needs_base=True, sparsification="random", consensus="sum"),
-    MethodSpec("dare_linear", {**_GTA_GLOBAL, "normalize": False, "rescale": True},
-               {"weight": REQUIRED, "density": 1.0}, needs_base=True, sparsification="random"),
-    MethodSpec("della", {**_GTA_GLOBAL, "normalize": True, "rescale": True},
-               {"weight": REQUIRED, "density": 1.0, "epsilon": 0.15, "lambda": 1.0}, needs_base=True,
-               sparsification="della", consensus="sum"),
-    MethodSpec("della_linear", {**_GTA_GLOBAL, "normalize": False, "rescale": True},
-               {"weight": REQUIRED, "density": 1.0, "epsilon": 0.15, "lambda": 1.0}, needs_base=True,
-               sparsification="della"),
+    MethodSpec("linear", {"normalize": True}, {"weight": REQUIRED}, base="input"),
+    MethodSpec("slerp", {"t": REQUIRED}, {}),
+    MethodSpec("nuslerp", {"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}, base="optional"),
+    MethodSpec("multislerp", {"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}, base="optional"),
+    MethodSpec("karcher", {"max_iter": 10, "tol": 1e-5}, {}, base="input"),
+    MethodSpec("nearswap", {"t": REQUIRED}, {}),
+    MethodSpec("passthrough", {}, {"scale": None}, base="input"),
+    MethodSpec("model_stock", {"filter_wise": False}, {}),
+    MethodSpec("sce", {"int8_mask": False, "select_topk": 1.0}, {}),
+    _gta("task_arithmetic", None, None, normalize=False, rescale=False),
+    _gta("ties", "magnitude", "sum", normalize=True, rescale=False),
+    _gta("dare_ties", "random", "sum", normalize=False, rescale=True),
+    _gta("dare_linear", "random", None, normalize=False, rescale=True),
+    _gta("breadcrumbs", "magnitude_outliers", None, normalize=False, rescale=False, extra={"gamma": 0.01}),
+    _gta("breadcrumbs_ties", "magnitude_outliers", "sum", normalize=False, rescale=False, extra={"gamma": 0.01}),
+    _gta("della", "della", "sum", normalize=True, rescale=True, extra={"epsilon": 0.15}),
+    _gta("della_linear", "della", None, normalize=False, rescale=True, extra={"epsilon": 0.15}),
 ]}
-# mergekit spellings of the same methods
+KNOWN_PARAMETERS = {p for m in METHODS.values() for p in (*m.global_params, *m.tensor_params)}
+# other spellings of the same methods
 ALIASES = {"model_soup": "linear", "soup": "linear", "dare": "dare_ties", "della_ties": "della"}
 
 TOP_LEVEL_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -99,6 +122,14 @@ class MergeSpec:
     seed: int
     explicit_slices: bool
     raw: dict[str, Any]  # the configuration as given (for the manifest)
+    notes: list[str] = field(default_factory=list)  # e.g. parameters this method ignores
+
+    @property
+    def base_is_input(self) -> bool:
+        """Whether base_model joins every slice's inputs: always for task-vector methods (placed at the
+        first source's layers in explicit slices); for the others only in the `models` form, as mergekit
+        adds it there."""
+        return bool(self.base_model) and (self.method.task_vectors or not self.explicit_slices)
 
     @property
     def models(self) -> list[str]:
@@ -158,7 +189,7 @@ def evaluate_setting(setting: Any, tensor: str, t: float, name: str = "parameter
             if not isinstance(cond, dict):
                 raise MergeConfigError(f"parameter {name!r}: a list must hold only numbers (a gradient) or only "
                                        f"{{filter, value}} conditions; got {cond!r}")
-            if not cond.get("filter") or cond["filter"] in tensor:
+            if not cond.get("filter") or cond["filter"] == "*" or cond["filter"] in tensor:
                 return evaluate_setting(cond["value"], tensor, t, name)
         return None
     raise MergeConfigError(f"parameter {name!r} has unsupported value {setting!r}")
@@ -177,18 +208,28 @@ def _check_setting(setting: Any, name: str, where: str) -> None:
             raise MergeConfigError(f"parameter {name!r}{where}: nested lists are not a parameter value")
 
 
-def _check_params(params: Any, allowed: set[str], method: str, where: str, hint: str = "") -> dict[str, Any]:
+def _check_params(params: Any, allowed: set[str], method: str, where: str, hint: str = "",
+                  ignored: list[str] | None = None) -> dict[str, Any]:
+    """The parameters of one level, validated. A name this method does not use but another mergekit
+    method does (`weight` under model_stock, `density` under linear) is dropped and listed in `ignored`,
+    as mergekit ignores it, so a YAML written for mergekit still runs; a name no method knows (a typo)
+    or a method-level one given per model (where mergekit would silently drop it) is an error."""
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise MergeConfigError(f"parameters{where} must be a mapping, got {params!r}")
-    unknown = sorted(set(params) - allowed)
+    own = set(METHODS[method].global_params) | set(METHODS[method].tensor_params)
+    unused = sorted(k for k in set(params) - allowed if k in KNOWN_PARAMETERS and k not in own)
+    unknown = sorted(set(params) - allowed - set(unused))
     if unknown:
         raise MergeConfigError(f"unknown parameter(s) {unknown}{where} for merge_method {method}; "
                                f"it accepts {sorted(allowed)}{hint}")
+    if unused and ignored is not None:
+        ignored.append(f"parameter(s) {unused}{where} are not used by merge_method {method} (ignored, as mergekit "
+                       "does)")
     for name, value in params.items():
         _check_setting(value, name, where)
-    return dict(params)
+    return {k: v for k, v in params.items() if k not in unused}
 
 
 def _model_path(value: Any, where: str, base_dir: Path | None) -> str:
@@ -226,7 +267,8 @@ def parse_merge_config(data: dict[str, Any], *, base_dir: str | Path | None = No
         raise MergeConfigError(f"unknown merge_method {data['merge_method']!r}; available: {sorted(METHODS)}")
     method = METHODS[name]
     allowed_global = set(method.global_params) | set(method.tensor_params)
-    parameters = _check_params(data.get("parameters"), allowed_global, name, " in parameters")
+    notes: list[str] = []
+    parameters = _check_params(data.get("parameters"), allowed_global, name, " in parameters", ignored=notes)
     per_model_hint = ""
     if method.global_params:
         per_model_hint = f" (method-level {sorted(method.global_params)} go under the top-level parameters)"
@@ -260,10 +302,10 @@ def parse_merge_config(data: dict[str, Any], *, base_dir: str | Path | None = No
                                                f"got {lr!r}")
                     lr = (int(lr[0]), int(lr[1]))
                 params = _check_params(src.get("parameters"), set(method.tensor_params), name,
-                                       f" in {where}.parameters", per_model_hint)
+                                       f" in {where}.parameters", per_model_hint, notes)
                 sources.append(Source(_model_path(src["model"], f"{where}.model", base_dir), lr, params))
             slices.append(Slice(sources, _check_params(sl.get("parameters"), allowed_global, name,
-                                                       f" in slices[{i}].parameters")))
+                                                       f" in slices[{i}].parameters", ignored=notes)))
     else:
         entries = data.get("models") or []
         if not entries:
@@ -281,24 +323,30 @@ def parse_merge_config(data: dict[str, Any], *, base_dir: str | Path | None = No
             if any(s.model == path for s in sources):
                 raise MergeConfigError(f"models[{j}]: {path} is listed twice")
             model_parameters[path] = _check_params(entry.get("parameters"), set(method.tensor_params), name,
-                                                   f" in models[{j}].parameters", per_model_hint)
+                                                   f" in models[{j}].parameters", per_model_hint, notes)
             sources.append(Source(path))
         slices.append(Slice(sources))
 
     if method.needs_base and not base:
         raise MergeConfigError(f"merge_method {name} needs base_model")
     for i, sl in enumerate(slices):
-        paths = [s.model for s in sl.sources]
-        others = [p for p in paths if p != base]
+        paths = list(dict.fromkeys(s.model for s in sl.sources))
+        if base and base not in paths and (method.task_vectors or not data.get("slices")):
+            paths.append(base)  # mergekit adds base_model to the inputs (we also place it in explicit slices)
+        others = [p for p in paths if p != base] if method.task_vectors else paths
         where = f" in slices[{i}]" if data.get("slices") else ""
-        if name == "slerp" and (len(set(paths) | {base}) != 2):
-            raise MergeConfigError(f"slerp merges exactly two models, base_model and one other{where}; "
-                                   f"got {len(set(paths) | {base})}")
-        if name == "model_stock" and len(set(others)) < 2:
+        if name in ("slerp", "nearswap") and len(others) != 1:
+            raise MergeConfigError(f"{name} merges exactly two models, base_model and one other{where}; "
+                                   f"got {len(paths)}")
+        if name == "nuslerp" and len(others) != 2:
+            raise MergeConfigError(f"nuslerp merges exactly two models besides an optional base_model{where}; "
+                                   f"got {len(others)}")
+        if name == "model_stock" and len(others) < 2:
             raise MergeConfigError(f"model_stock needs at least two models besides base_model{where}")
         if name == "passthrough" and len(paths) != 1:
-            raise MergeConfigError(f"passthrough takes exactly one source per slice{where}; got {len(paths)}")
-        if method.needs_base and name not in ("slerp",) and not others:
+            raise MergeConfigError(f"passthrough takes exactly one input per slice (base_model counts as one)"
+                                   f"{where}; got {len(paths)}")
+        if not others:
             raise MergeConfigError(f"merge_method {name} needs at least one model besides base_model{where}")
 
     expert_bias = str(data.get("expert_bias", "base"))
@@ -319,7 +367,8 @@ def parse_merge_config(data: dict[str, Any], *, base_dir: str | Path | None = No
     return MergeSpec(method=method, base_model=base, slices=slices, model_parameters=model_parameters,
                      parameters=parameters, dtype=_dtype(data.get("out_dtype") or data.get("dtype")),
                      tokenizer_source=tokenizer_source, expert_bias=expert_bias,
-                     seed=int(data.get("seed", seed)), explicit_slices=bool(data.get("slices")), raw=raw)
+                     seed=int(data.get("seed", seed)), explicit_slices=bool(data.get("slices")), raw=raw,
+                     notes=notes)
 
 
 def load_merge_config(path: str | Path, *, seed: int = 0) -> MergeSpec:

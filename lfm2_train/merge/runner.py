@@ -30,7 +30,7 @@ from .checks import (
     check_tokenizers,
     expected_tensors,
 )
-from .config import MergeSpec
+from .config import MergeConfigError, MergeSpec
 from .streaming import CheckpointSource, ShardedWriter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -66,6 +66,7 @@ class MergePlan:
         self.reference = self.sources[spec.base_model or spec.models[0]]
         self.notes = check_configs(self.reference, [s for s in self.sources.values() if s is not self.reference],
                                    same_depth=not spec.explicit_slices)
+        self.notes += spec.notes
         paths = [s.path for s in self.sources.values()]
         if spec.tokenizer_source:
             paths.append(Path(spec.tokenizer_source))
@@ -95,7 +96,7 @@ class MergePlan:
                 raise MergeCompatibilityError(f"slices[{si}]: sources cover different numbers of layers "
                                               f"{sorted(ranges.values())}")
             n_layers = lengths.pop()
-            if spec.base_model and spec.method.needs_base and spec.base_model not in ranges:
+            if spec.base_is_input and spec.base_model not in ranges:
                 first = next(iter(ranges.values()))
                 ranges[spec.base_model] = first  # the base sits at the same layers as the first source
             for i in range(n_layers):
@@ -123,8 +124,8 @@ class MergePlan:
         by_layer = {out_index: (si, i, n, src_layers) for out_index, si, i, n, src_layers in layer_map}
 
         def models_of(sl) -> list[str]:
-            ms = [s.model for s in sl.sources]
-            if spec.method.needs_base and spec.base_model not in ms:
+            ms = list(dict.fromkeys(s.model for s in sl.sources))
+            if spec.base_is_input and spec.base_model not in ms:
                 ms = [spec.base_model, *ms]
             return ms
 
@@ -134,12 +135,14 @@ class MergePlan:
             if m:
                 si, i, n, src_layers = by_layer[int(m.group(1))]
                 sources = {model: f"model.layers.{j}.{m.group(2)}" for model, j in src_layers.items()}
-                t = i / (n - 1) if n > 1 else 0.0
+                t = i / (n - 1) if n > 1 else 1.0
             else:
-                at_start = "embed_tokens" in key
+                # mergekit's LFM2 layout: embedding and final norm (`embedding_norm`) are pre-weights taken
+                # from the first slice, the head a post-weight from the last; all of them at t = 0
+                at_start = "lm_head" not in key
                 si = 0 if at_start else len(spec.slices) - 1
                 sources = {model: key for model in models_of(first if at_start else last)}
-                t = 0.0 if at_start else 1.0
+                t = 0.0
             shapes = {model: self.sources[model].entries[k].shape for model, k in sources.items()}
             for model, s in shapes.items():
                 if s != shape:
@@ -158,18 +161,17 @@ class MergePlan:
 
     # ------------------------------------------------------------------------------------------ merging
     def merge_tensor(self, job: TensorJob) -> torch.Tensor:
-        """Read this tensor from each input (one at a time), merge in float32, cast. The tensors read here
-        are owned by this call, so the methods may overwrite them (`consume=True`)."""
+        """Read this tensor from each input (one at a time, in its stored dtype), merge, return it in the
+        output dtype. The methods upcast a block of rows at a time, so bf16 inputs are never held in
+        float32 whole; the tensors read here are owned by this call, so the output may take the first
+        input's storage (`consume=True`)."""
         spec, method = self.spec, self.spec.method
         base = spec.base_model if spec.base_model in job.sources else None
-        models = [m for m in job.sources if m != base] if method.needs_base else list(job.sources)
+        models = [m for m in job.sources if m != base] if method.task_vectors else list(job.sources)
         if method.needs_base and base is None:
             raise MergeCompatibilityError(f"tensor {job.key}: base_model {spec.base_model} is not among its sources")
         key_is_bias = job.key.endswith("expert_bias")
-        tensors = {}
-        for m, k in job.sources.items():  # upcast as each arrives: a bf16 copy never outlives its float32 one
-            t = self.sources[m].read(k)
-            tensors[m] = t.float() if t.is_floating_point() and not key_is_bias else t
+        tensors = {m: self.sources[m].read(k) for m, k in job.sources.items()}
         if not all(t.is_floating_point() for t in tensors.values()):
             values = list(tensors.values())
             if any(not torch.equal(values[0], v) for v in values[1:]):
@@ -180,6 +182,14 @@ class MergePlan:
             if spec.expert_bias == "mean":
                 return torch.stack([t.float() for t in tensors.values()]).mean(0)
             return tensors[base or next(iter(tensors))].float()
+        try:
+            return self._merge(job, tensors, base, models)
+        except ValueError as err:
+            raise MergeConfigError(f"tensor {job.key}: {err}") from None
+
+    def _merge(self, job: TensorJob, tensors: dict[str, torch.Tensor], base: str | None,
+               models: list[str]) -> torch.Tensor:
+        spec, method = self.spec, self.spec.method
 
         def g(name: str) -> Any:
             return spec.global_param(name, job.key, job.t, job.slice_index)
@@ -187,28 +197,42 @@ class MergePlan:
         def per_model(name: str) -> list[Any]:
             return [spec.tensor_param(name, m, job.key, job.t, job.slice_index) for m in models]
 
-        name = method.name
+        name, xs = method.name, [tensors[m] for m in models]
+        b = tensors[base] if base is not None else None
+        kw = {"consume": True, "out_dtype": job.dtype}
         if name == "passthrough":
-            out = tensors[models[0]].float()
-        elif name == "linear":
-            out = methods.linear([tensors[m] for m in models], per_model("weight"), normalize=bool(g("normalize")))
-        elif name == "slerp":
-            out = methods.slerp(tensors[base], tensors[models[0]], float(g("t")))
-        elif name == "model_stock":
-            out = methods.model_stock(tensors[base], [tensors[m] for m in models], filter_wise=bool(g("filter_wise")),
-                                      consume=True)
-        else:
-            index = {m: spec.models.index(m) for m in models}
-            generators = [_generator(spec.seed, job.key, index[m]) for m in models] \
-                if method.sparsification in ("random", "della") else None
-            has_della = method.sparsification == "della"
-            out = methods.merge_task_vectors(
-                tensors[base], [tensors[m] for m in models], [float(w) for w in per_model("weight")],
-                densities=[float(d) for d in per_model("density")], sparsification=method.sparsification,
-                consensus=method.consensus, normalize=bool(g("normalize")), rescale=bool(g("rescale")),
-                epsilons=[float(e) for e in per_model("epsilon")] if has_della else None,
-                lambda_=float(per_model("lambda")[0]) if has_della else 1.0, generators=generators, consume=True)
-        return out.to(job.dtype)
+            scale = per_model("scale")[0]
+            return methods.passthrough(xs[0], None if scale is None else float(scale), out_dtype=job.dtype)
+        if name == "linear":
+            return methods.linear(xs, [float(w) for w in per_model("weight")], normalize=bool(g("normalize")), **kw)
+        if name == "slerp":
+            return methods.slerp(b, xs[0], float(g("t")), **kw)
+        if name == "nearswap":
+            return methods.nearswap(b, xs[0], float(g("t")), **kw)
+        if name == "nuslerp":
+            return methods.nuslerp(xs[0], xs[1], [float(w) for w in per_model("weight")], b,
+                                   row_wise=bool(g("nuslerp_row_wise")), flatten=bool(g("nuslerp_flatten")), **kw)
+        if name == "multislerp":
+            return methods.multislerp(xs, [float(w) for w in per_model("weight")], b,
+                                      normalize_weights=bool(g("normalize_weights")), eps=float(g("eps")), **kw)
+        if name == "karcher":
+            return methods.karcher(xs, max_iter=int(g("max_iter")), tol=float(g("tol")), **kw)
+        if name == "model_stock":
+            return methods.model_stock(b, xs, filter_wise=bool(g("filter_wise")), **kw)
+        if name == "sce":
+            return methods.sce(b, xs, select_topk=float(g("select_topk")), **kw)
+        index = {m: spec.models.index(m) for m in models}
+        sparsification = method.sparsification
+        generators = [_generator(spec.seed, job.key, index[m]) for m in models] \
+            if sparsification in ("random", "della") else None
+        return methods.merge_task_vectors(
+            b, xs, [float(w) for w in per_model("weight")],
+            densities=[float(d) for d in per_model("density")], sparsification=sparsification,
+            consensus=method.consensus, normalize=bool(g("normalize")), rescale=bool(g("rescale")),
+            rescale_mode=str(g("rescale_mode")) if sparsification else "l1",
+            epsilons=[float(e) for e in per_model("epsilon")] if sparsification == "della" else None,
+            gammas=[float(e) for e in per_model("gamma")] if sparsification == "magnitude_outliers" else None,
+            lambda_=float(g("lambda")), generators=generators, **kw)
 
     def output_dtype_name(self) -> str:
         embed = next(j for j in self.jobs if j.key == "model.embed_tokens.weight")

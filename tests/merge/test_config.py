@@ -97,3 +97,48 @@ def test_missing_required_parameter_is_named(tmp_path):
     spec = parse_merge_config({"merge_method": "linear", "models": [a, b]})
     with pytest.raises(MergeConfigError, match="needs parameter 'weight' for model"):
         spec.tensor_param("weight", a, "model.embed_tokens.weight", 0.0, 0)
+
+
+def test_mergekit_parameter_scopes(tmp_path):
+    """lambda / normalize / rescale are method-level (as in mergekit); gamma and epsilon per model;
+    `rescale_mode` (ours) only where a sparsification can rescale; `filter: "*"` matches everything."""
+    a, b, c = _models(tmp_path, 3)
+    spec = parse_merge_config({
+        "merge_method": "breadcrumbs_ties", "base_model": a,
+        "models": [{"model": b, "parameters": {"weight": 1.0, "gamma": 0.2}},
+                   {"model": c, "parameters": {"weight": 1}}],
+        "parameters": {"lambda": [{"filter": "*", "value": 0.5}], "density": 0.7},
+    })
+    assert spec.global_param("lambda", "x", 0.0, 0) == 0.5
+    assert spec.tensor_param("gamma", b, "x", 0.0, 0) == 0.2
+    assert spec.tensor_param("gamma", c, "x", 0.0, 0) == 0.01  # mergekit's default
+    assert spec.global_param("rescale_mode", "x", 0.0, 0) == "l1"
+    with pytest.raises(MergeConfigError, match="lambda"):
+        parse_merge_config({"merge_method": "della", "base_model": a,
+                            "models": [{"model": b, "parameters": {"weight": 1.0, "lambda": 2.0}}]})
+    with pytest.raises(MergeConfigError, match="lamda"):  # a typo is still an error
+        parse_merge_config({"merge_method": "della", "base_model": a, "parameters": {"lamda": 2.0},
+                            "models": [{"model": b, "parameters": {"weight": 1.0}}]})
+
+
+def test_every_mergekit_method_is_accepted_with_its_input_counts(tmp_path):
+    a, b, c = _models(tmp_path, 3)
+    two = [{"model": b, "parameters": {"weight": 1.0}}, {"model": c, "parameters": {"weight": 1.0}}]
+    # parameters another mergekit method uses are ignored with a note, as mergekit ignores them
+    spec = parse_merge_config({"merge_method": "model_stock", "base_model": a, "models": two,
+                               "parameters": {"density": 0.5}})
+    assert "['weight'] in models[0].parameters are not used by merge_method model_stock" in spec.notes[1]
+    assert "['density'] in parameters" in spec.notes[0]
+    for name in ("nuslerp", "multislerp", "ties", "dare_linear", "breadcrumbs", "della_linear", "sce", "model_stock",
+                 "task_arithmetic", "karcher", "linear"):
+        spec = parse_merge_config({"merge_method": name, "base_model": a, "models": two,
+                                   "parameters": {"weight": 1.0}})
+        assert spec.method.name == name
+    parse_merge_config({"merge_method": "nearswap", "base_model": a, "models": [a, b], "parameters": {"t": 0.1}})
+    parse_merge_config({"merge_method": "multislerp", "models": two})  # base optional
+    with pytest.raises(MergeConfigError, match="nuslerp merges exactly two"):
+        parse_merge_config({"merge_method": "nuslerp", "base_model": a, "models": two[:1]})
+    with pytest.raises(MergeConfigError, match="nearswap merges exactly two"):
+        parse_merge_config({"merge_method": "nearswap", "base_model": a, "models": two, "parameters": {"t": 0.1}})
+    with pytest.raises(MergeConfigError, match="passthrough takes exactly one"):
+        parse_merge_config({"merge_method": "passthrough", "base_model": a, "models": [b]})
