@@ -203,7 +203,7 @@ class CacheTeacherStageConfig:
     stop_after_blocks: int | None = None  # debug: stop as if interrupted after this many blocks
 
 
-# ---- stage: sft (issue 6) -------------------------------------------------------------------------------
+# ---- stage: sft ----------------------------------------------------------------------------------------
 
 @dataclass
 class SFTCurriculumSchema:
@@ -242,7 +242,7 @@ class SFTStageConfig:
     curriculum: SFTCurriculumSchema = field(default_factory=SFTCurriculumSchema)
 
 
-# ---- stage: preference (issue 6) ------------------------------------------------------------------------
+# ---- stage: preference ---------------------------------------------------------------------------------
 
 @dataclass
 class PreferenceLossTermSchema:
@@ -287,7 +287,7 @@ class PreferenceStageConfig:
     cache_dir: str | None = None  # datasets cache for loading files
 
 
-# ---- stage: merge (issue 7) -----------------------------------------------------------------------------
+# ---- stage: merge --------------------------------------------------------------------------------------
 @dataclass
 class MergeStageConfig:
     """`stage=merge`: mergekit-style merges streamed tensor by tensor, optionally chosen by evaluation.
@@ -327,7 +327,7 @@ class MergeStageConfig:
 
 
 
-# ---- stage: eval (issue 8) ------------------------------------------------------------------------------
+# ---- stage: eval ---------------------------------------------------------------------------------------
 @dataclass
 class EvalStageConfig:
     """`stage=eval`: a list of tasks on `model.init_from` (docs/EVAL.md). Each task is a mapping with a
@@ -343,7 +343,7 @@ class EvalStageConfig:
 
 
 
-# ---- stage: search (issue 8) ----------------------------------------------------------------------------
+# ---- stage: search -------------------------------------------------------------------------------------
 @dataclass
 class SearchSpaceSchema:
     """The grid of layouts; every combination within the parameter budget is a candidate."""
@@ -393,7 +393,7 @@ class SearchStageConfig:
 
 
 
-# ---- stage: chain (issue 9) ----------------------------------------------------------------------------
+# ---- stage: chain -------------------------------------------------------------------------------------
 @dataclass
 class ChainStageConfig:
     """`stage=chain` (the default): the whole pipeline from one chain file (docs/CHAIN.md)."""
@@ -491,12 +491,9 @@ def register_configs() -> None:
     cs.store(group="stage", name="cache_teacher", node=CacheTeacherStageConfig)
     cs.store(group="stage", name="distill", node=DistillStageConfig)
     cs.store(group="stage", name="chain", node=ChainStageConfig)
-    # sft / preference (issue 6)
     cs.store(group="stage", name="sft", node=SFTStageConfig)
     cs.store(group="stage", name="preference", node=PreferenceStageConfig)
-    # merge (issue 7)
     cs.store(group="stage", name="merge", node=MergeStageConfig)
-    # eval / search (issue 8)
     cs.store(group="stage", name="eval", node=EvalStageConfig)
     cs.store(group="stage", name="search", node=SearchStageConfig)
     cs.store(group="stage", name="export", node=ExportStageConfig)

@@ -159,7 +159,7 @@ def test_eval_tasks_parse(size):
 
 
 def test_finetune_chain_is_valid_and_every_step_composes(monkeypatch, tmp_path):
-    spec_module = pytest.importorskip("lfm2_train.chain.spec", reason="the chain runner (issue 9 part 1) is missing")
+    spec_module = pytest.importorskip("lfm2_train.chain.spec", reason="the chain runner is missing")
     for var in ("LFM2_CHECKPOINT", "LFM2_SFT_DATA", "LFM2_PAIRS", "LFM2_VAL_SHARDS"):
         monkeypatch.setenv(var, f"/inputs/{var.lower()}")
     spec = spec_module.load_chain(str(REPO / "recipes" / "finetune_lfm2" / "finetune_lfm2.yaml"))
