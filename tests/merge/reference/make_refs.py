@@ -69,8 +69,8 @@ def _stat_inputs(torch, shape, seed):
 def mergekit_stats() -> dict:
     """mergekit's DARE / DELLA on larger tensors, summarised (the draws are torch's global RNG, so only
     statistics can be compared): keep rate, L1 rescale factor, keep rate in the lower and upper half of
-    magnitude ranks (DELLA), agreement of the merged sign with the elected sign (ties variants), and what
-    happens on the conv kernel."""
+    magnitude ranks (DELLA), agreement of the merged sign with the elected sign (ties variants), and
+    what happens on the conv kernel."""
     from importlib.metadata import version
 
     import torch
