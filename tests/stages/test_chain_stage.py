@@ -55,10 +55,9 @@ steps:
     stage: merge
     overrides:
       - stage.merge_method=linear
-      - "stage.base_model={sft}/final"
       - "stage.models=[{model: '{pref_a}/final', parameters: {weight: 0.5}},
                        {model: '{pref_b}/final', parameters: {weight: 0.5}}]"
-      - "stage.candidates=[{name: soup}, {name: ta, merge_method: task_arithmetic}]"
+      - "stage.candidates=[{name: soup}, {name: ta, merge_method: task_arithmetic, base_model: '{sft}/final'}]"
       - stage.evaluation=arithmetic
       - stage.eval_problems=8
     evaluate: true
