@@ -233,7 +233,8 @@ def check_recipe_required(cfg: DictConfig, choice: str | None) -> None:
 def validate(cfg: DictConfig, recipe_choice: str | None = None) -> None:
     """Every check above; raises `ConfigError` naming the first problem."""
     check_known_keys(cfg)
-    check_recipe_required(cfg, recipe_choice)
+    if OmegaConf.select(cfg, "stage.name") not in _OPEN_STAGES:  # a plan needs the recipe's shapes, not its inputs
+        check_recipe_required(cfg, recipe_choice)
     check_values(cfg)
 
 
