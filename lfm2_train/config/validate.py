@@ -224,10 +224,9 @@ def check_recipe_required(cfg: DictConfig, choice: str | None) -> None:
     if recipe is None:
         return
     for key in required_keys(recipe):
-        target = key.removeprefix("# @package _global_.")
-        if OmegaConf.select(cfg, target, default=None, throw_on_missing=False) in (None, "???"):
-            raise ConfigError(f"Missing mandatory value: {target} (required by recipe={choice}, {recipe}); "
-                              f"add {target}=<value> to the command")
+        if OmegaConf.select(cfg, key, default=None, throw_on_missing=False) in (None, "???"):
+            raise ConfigError(f"Missing mandatory value: {key} (required by recipe={choice}, {recipe}); "
+                              f"add {key}=<value> to the command")
 
 
 def validate(cfg: DictConfig, recipe_choice: str | None = None) -> None:

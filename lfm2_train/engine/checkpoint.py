@@ -47,7 +47,8 @@ DEFERRED = "checksums.deferred.json"  # hashes of the large files, written in th
 HASH_NOW_BYTES = 1 << 20
 SET_ASIDE = "set-aside"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-_DISK_FULL_TEXT = ("no space left on device", "os error 28", "unexpected pos")  # torch's zip writer says the last
+_DISK_FULL_TEXT = ("no space left on device", "os error 28")
+_TORCH_WRITE_FAILED = "unexpected pos"  # torch's zip writer on a full disk: no errno, only this
 
 
 class CheckpointError(RuntimeError):
@@ -154,14 +155,14 @@ def _disk_full(err: BaseException, where: Path) -> bool:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return True
-        if any(text in str(seen).lower() for text in _DISK_FULL_TEXT[:2]):
+        if any(text in str(seen).lower() for text in _DISK_FULL_TEXT):
             return True
         seen = seen.__cause__ or seen.__context__
     try:
         free = shutil.disk_usage(where).free
     except OSError:
         return False
-    return _DISK_FULL_TEXT[2] in str(err).lower() and free < (1 << 20)
+    return _TORCH_WRITE_FAILED in str(err).lower() and free < (1 << 20)
 
 
 class CheckpointManager:
