@@ -37,11 +37,16 @@ def replace_dir(tmp: Path, dst: Path) -> Path:
 
 
 def _replace_with(path: Path, tmp: Path, mode: str, write: Callable[[IO[Any]], object]) -> None:
-    """Write `tmp` with `write`, flush it to disk, then rename it over `path`."""
-    with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `tmp` with `write`, flush it to disk, then rename it over `path`. A writer that raises leaves
+    `path` as it was and removes `tmp` (a kill leaves `tmp`, which the next write replaces)."""
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
