@@ -7,11 +7,11 @@ makes a new directory instead of reusing a stale one; rerunning on a finished di
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from lfm2_train.artifacts import sha256_json
 
 from .corpus import bundled_corpus_dir, bundled_corpus_index
 
@@ -25,7 +25,7 @@ def bundled_dataset_dir(tokenizer_fingerprint: str | None = None) -> Path:
     settings = {"corpus": bundled_corpus_index(), "shard_tokens": SHARD_TOKENS,
                 "tokenizer": tokenizer_fingerprint or "bundled-tiny", "location": str(bundled_corpus_dir()),
                 "version": 1}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    key = sha256_json(settings)[:12]
     root = Path(os.environ.get("LFM2_TRAIN_CACHE", Path.home() / ".cache" / "lfm2_train"))
     return root / f"bundled-{key}"
 
