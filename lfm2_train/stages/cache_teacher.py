@@ -60,10 +60,10 @@ from ..data.teacher_cache import (
     encode_logprobs,
 )
 from ..engine.distributed import Runtime
+from ..hints import needs
 from ..losses.head import default_chunk_size
 from ..tokenizer import LFM2Tokenizer
 from .common import resolve_dataset
-from .hints import needs
 
 JOB_VERSION = 1  # bump when a change to this stage changes the bytes it writes
 WORK_DIR = ".work"

@@ -20,8 +20,8 @@ from ..data.teacher_cache import TeacherBatches, TeacherCache
 from ..engine.callbacks import Callback
 from ..engine.distributed import Runtime
 from ..engine.trainer import Trainer
+from ..hints import needs
 from ..losses import KDParams, ce_kd_chunk, fused_head_loss, lm_loss
-from .hints import needs
 from .pretrain import build_job
 
 

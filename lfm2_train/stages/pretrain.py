@@ -18,11 +18,11 @@ from ..data.pacing import PacingConfig, paced_indices
 from ..data.packed import DocumentStream, split_documents
 from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.trainer import Trainer, TrainJob
+from ..hints import needs
 from ..losses import lm_loss
 from ..model import LFM2Config
 from ..tokenizer import LFM2Tokenizer
 from .common import build_model, model_config, resolve_dataset
-from .hints import needs
 
 
 def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pacing: PacingConfig,
