@@ -364,3 +364,12 @@ def train_bpe_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer)
     return LFM2Tokenizer(backend, add_bos_token=True)
+
+
+# ---- which tokenizer a stage uses ----------------------------------------------------------------------
+
+def model_tokenizer_dir(init_from: str | None) -> Path | None:
+    """The directory holding `model.init_from`'s own tokenizer, if it has one."""
+    if init_from and (Path(init_from) / "tokenizer.json").is_file():
+        return Path(init_from)
+    return None

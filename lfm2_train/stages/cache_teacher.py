@@ -50,6 +50,7 @@ from ..data.format import (
     verify_shards,
     write_json_atomic,
 )
+from ..data.resolve import resolve_dataset
 from ..data.teacher_cache import (
     CACHE_MANIFEST,
     LOGPROB_DTYPES,
@@ -63,7 +64,6 @@ from ..engine.distributed import Runtime
 from ..hints import needs
 from ..losses.head import default_chunk_size
 from ..tokenizer import LFM2Tokenizer
-from .common import resolve_dataset
 
 JOB_VERSION = 1  # bump when a change to this stage changes the bytes it writes
 WORK_DIR = ".work"

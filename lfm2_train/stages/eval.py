@@ -11,6 +11,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.format import check_compatible, load_manifest
+from ..data.resolve import resolve_dataset
+from ..engine.model_setup import build_model
 from ..evaluation.report import markdown_table, write_results
 from ..evaluation.runner import make_runner
 from ..evaluation.tasks import (
@@ -27,7 +29,7 @@ from ..evaluation.tasks import (
     run_multiple_choice,
     run_perplexity,
 )
-from .common import build_model, model_tokenizer_dir, resolve_dataset
+from ..tokenizer import model_tokenizer_dir
 from .generate import DTYPES, load_tokenizer
 
 

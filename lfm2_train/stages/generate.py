@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from ..engine.model_setup import build_model
 from ..hints import chain_command
 from ..inference import SamplingConfig, generate
 from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 

@@ -21,10 +21,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine.flops import FlopsPerToken, flops_per_token
+from ..engine.model_setup import model_config
 from ..engine.planner import STAGE_KINDS, StepMemory, measure_step
 from ..model import LFM2Config, LFM2ForCausalLM
 from ..model.hf_io import read_config
-from .common import model_config
 
 RECIPES = Path(__file__).resolve().parent.parent / "conf" / "recipe"
 GIB = 2**30

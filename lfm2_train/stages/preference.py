@@ -37,10 +37,10 @@ from ..data.preference import (
 )
 from ..data.ref_logps import reference_logps
 from ..engine.distributed import Runtime, builds_on_meta
+from ..engine.model_setup import build_model, lora_enabled, setup_lora
 from ..engine.trainer import Trainer, TrainJob
 from ..losses.preference import PreferenceLoss, pair_logps, pair_logps_split
 from ..model.lora import disable_adapters
-from .common import build_model, lora_enabled, setup_lora
 from .sft import resolve_tokenizer
 
 

@@ -16,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, load_order, verify_shards
 from ..data.pacing import PacingConfig, paced_indices
 from ..data.packed import DocumentStream, split_documents
+from ..data.resolve import resolve_dataset
 from ..engine.distributed import Runtime, builds_on_meta
+from ..engine.model_setup import build_model, model_config
 from ..engine.trainer import Trainer, TrainJob
 from ..hints import needs
 from ..losses import lm_loss
 from ..model import LFM2Config
 from ..tokenizer import LFM2Tokenizer
-from .common import build_model, model_config, resolve_dataset
 
 
 def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pacing: PacingConfig,

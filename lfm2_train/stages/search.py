@@ -21,13 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.format import verify_shards, write_json_atomic
+from ..data.resolve import resolve_dataset
 from ..model import get_preset
 from ..search.measure import DTYPES, MeasureError, measure_in_subprocess
 from ..search.quality import train_and_score
 from ..search.report import plot_front, write_csv, write_markdown
 from ..search.select import LATENCY_METRICS, MEMORY_METRICS, Budgets, budget_violation, rank_rows
 from ..search.space import Candidate, enumerate_candidates
-from .common import resolve_dataset
 
 
 def _machine() -> str:

@@ -27,13 +27,14 @@ from ..data.format import ShardReader, check_compatible, load_manifest
 from ..data.mixed_stream import MixedStream
 from ..data.pacing import PacingConfig
 from ..data.packed import DocumentStream, split_documents
+from ..data.resolve import resolve_dataset
 from ..data.sft_stream import SFTStream, count_rows, positions_needed
 from ..engine.distributed import Runtime, builds_on_meta
+from ..engine.model_setup import build_model, setup_lora
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
-from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model, model_tokenizer_dir, resolve_dataset, setup_lora
+from ..tokenizer import LFM2Tokenizer, model_tokenizer_dir, tiny_tokenizer_path
 from .pretrain import training_sequence
 
 CURRICULUM_SOURCES = ("none", "column", "file")

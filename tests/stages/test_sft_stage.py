@@ -159,8 +159,8 @@ def test_all_rows_unusable_is_an_error(tmp_path):
 @pytest.mark.slow
 def test_pretrain_free_sft_raises_arithmetic_accuracy(tmp_path):
     """Random init -> SFT on bundled one-digit addition -> greedy chat accuracy rises (numbers in docs/SFT.md)."""
+    from lfm2_train.engine.model_setup import build_model
     from lfm2_train.evaluation import arithmetic_accuracy
-    from lfm2_train.stages.common import build_model
     from lfm2_train.tokenizer import LFM2Tokenizer
 
     cfg = _cfg(tmp_path, "stage.bundled_rows=600", "stage.bundled_levels=[0]", "stage.epochs=3",
