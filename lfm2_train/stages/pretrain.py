@@ -10,13 +10,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, load_order, verify_shards
-from ..data.pacing import PacingConfig, paced_indices
+from ..data.pacing import PacingConfig
 from ..data.packed import DocumentStream, split_documents
 from ..data.resolve import resolve_dataset
+from ..data.training_sequence import training_sequence
 from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.model_setup import build_model, model_config
 from ..engine.trainer import Trainer, TrainJob
@@ -24,29 +24,6 @@ from ..hints import needs
 from ..losses import lm_loss
 from ..model import LFM2Config
 from ..tokenizer import LFM2Tokenizer
-
-
-def training_sequence(train_docs: np.ndarray, base_order: np.ndarray | None, pacing: PacingConfig,
-                      n_samples: int, seed: int) -> np.ndarray:
-    """The documents the run reads, in order: a curriculum (optionally paced) or seeded shuffles.
-
-    `base_order` (global indices, easy -> hard) is restricted to the training documents. Without
-    pacing, the order repeats as many times as needed (a fresh seeded shuffle per epoch when there is
-    no curriculum order).
-    """
-    rng = np.random.default_rng(seed)
-    if base_order is not None:
-        order = base_order[np.isin(base_order, train_docs)]
-    else:
-        order = rng.permutation(train_docs)
-    if pacing.kind != "none":
-        return paced_indices(order, n_samples, pacing, seed)
-    epochs, total = [order], len(order)
-    while total < n_samples:
-        nxt = order if base_order is not None else rng.permutation(train_docs)
-        epochs.append(nxt)
-        total += len(nxt)
-    return np.concatenate(epochs)[:max(n_samples, len(order))]
 
 
 def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:

@@ -29,13 +29,13 @@ from ..data.pacing import PacingConfig
 from ..data.packed import DocumentStream, split_documents
 from ..data.resolve import resolve_dataset
 from ..data.sft_stream import SFTStream, count_rows, positions_needed
+from ..data.training_sequence import training_sequence
 from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.model_setup import build_model, setup_lora
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
 from ..tokenizer import LFM2Tokenizer, model_tokenizer_dir, tiny_tokenizer_path
-from .pretrain import training_sequence
 
 CURRICULUM_SOURCES = ("none", "column", "file")
 
