@@ -16,6 +16,9 @@ from ..model.lora import LoRAConfig, apply_lora, load_lora_state
 from ..model.peft_io import load_model, read_adapter_config, read_adapter_state
 from ..model.qlora import quantize_base
 
+# The dtype names of the stages that only run a model (generate, eval).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
 
 def model_config(model_cfg: DictConfig) -> LFM2Config:
     """The preset with `model.overrides` applied (validated: unknown or bad fields are named)."""

@@ -41,7 +41,7 @@ from ..engine.model_setup import build_model, lora_enabled, setup_lora
 from ..engine.trainer import Trainer, TrainJob
 from ..losses.preference import PreferenceLoss, pair_logps, pair_logps_split
 from ..model.lora import disable_adapters
-from .sft import resolve_tokenizer
+from ..tokenizer import resolve_tokenizer
 
 
 class PairLoss:

@@ -35,18 +35,9 @@ from ..engine.model_setup import build_model, setup_lora
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
 from ..model import LFM2ForCausalLM
-from ..tokenizer import LFM2Tokenizer, model_tokenizer_dir, tiny_tokenizer_path
+from ..tokenizer import LFM2Tokenizer, model_tokenizer_dir, resolve_tokenizer
 
 CURRICULUM_SOURCES = ("none", "column", "file")
-
-
-def resolve_tokenizer(stage: DictConfig, init_from: str | None) -> LFM2Tokenizer:
-    """`stage.tokenizer`, else the tokenizer saved with `model.init_from`, else the bundled tiny one."""
-    if stage.tokenizer:
-        return LFM2Tokenizer.from_pretrained(stage.tokenizer)
-    if init_from and (Path(init_from) / "tokenizer.json").is_file():
-        return LFM2Tokenizer.from_pretrained(init_from)
-    return LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
 
 
 def row_difficulty(cfg: DictConfig, data: ChatRows) -> tuple[np.ndarray | None, dict[str, Any]]:
