@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..model import LFM2Config, LFM2ForCausalLM, get_preset
@@ -89,3 +90,16 @@ def setup_lora(model: LFM2ForCausalLM, model_cfg: DictConfig, device: Any, seed:
                         base_model_name_or_path=base)
     apply_lora(model, config, generator=torch.Generator().manual_seed(int(seed)))
     return config
+
+
+def add_embedding_dropout(model: LFM2ForCausalLM, p: float) -> torch.utils.hooks.RemovableHandle | None:
+    """Dropout on the token-embedding output, applied from outside: the model code stays dropout-free."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"stage.embedding_dropout={p} must be in [0, 1)")
+    if p == 0.0:
+        return None
+
+    def hook(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, p=p, training=module.training)  # (B, T, d)
+
+    return model.model.embed_tokens.register_forward_hook(hook)

@@ -13,9 +13,10 @@ from hydra import compose, initialize
 from lfm2_train.config import register_configs
 from lfm2_train.data.chat_dataset import bundled_rows, save_difficulty
 from lfm2_train.engine.distributed import Runtime
+from lfm2_train.engine.model_setup import add_embedding_dropout
 from lfm2_train.model import LFM2ForCausalLM
 from lfm2_train.stages import run_stage
-from lfm2_train.stages.sft import add_embedding_dropout, build_job
+from lfm2_train.stages.sft import build_job
 from lfm2_train.tasks import sft_conversations
 
 BASE = ["stage=sft", "logger=disabled", "trainer.progress_bar=false", "data.seq_len=64", "trainer.micro_batch_size=4",
