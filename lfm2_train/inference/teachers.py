@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,16 @@ class TransformersTeacher:
 
 
 Teacher = LFM2Teacher | TransformersTeacher
+
+
+def compute_autocast(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
+    """The context each teacher forward runs in: none in fp32, autocast to `dtype` otherwise."""
+    def autocast() -> AbstractContextManager:
+        if dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    return autocast
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize
 
 from lfm2_train.config import register_configs
+from lfm2_train.data import teacher_cache_writer
 from lfm2_train.data.document_windows import document_windows
 from lfm2_train.data.format import DataFormatError, Manifest, ShardReader, load_manifest
 from lfm2_train.data.teacher_cache import CACHE_MANIFEST, TeacherCache, decode_logprobs, write_cache_shard
@@ -151,7 +152,7 @@ def test_interrupted_and_crashed_runs_resume_byte_identical(tmp_path, data, teac
     assert stopped["status"] == "interrupted" and not (part / "teacher_cache" / CACHE_MANIFEST).exists()
     # Crash between appending a block's rows and recording them: the rows must be dropped on resume.
     calls = {"n": 0}
-    real = cache_teacher._write_progress
+    real = teacher_cache_writer._write_progress
 
     def crash_on_third(path, progress):
         calls["n"] += 1
@@ -159,10 +160,10 @@ def test_interrupted_and_crashed_runs_resume_byte_identical(tmp_path, data, teac
             raise RuntimeError("simulated crash")
         real(path, progress)
 
-    monkeypatch.setattr(cache_teacher, "_write_progress", crash_on_third)
+    monkeypatch.setattr(teacher_cache_writer, "_write_progress", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(_cfg(part, data, teacher))
-    monkeypatch.setattr(cache_teacher, "_write_progress", real)
+    monkeypatch.setattr(teacher_cache_writer, "_write_progress", real)
     resumed = run_stage(_cfg(part, data, teacher))
     assert resumed["status"] == "finished"
     assert 0 < resumed["computed_tokens"] < full["computed_tokens"]  # finished shards and blocks were kept
@@ -192,6 +193,19 @@ def test_ranks_take_disjoint_shards_and_rank0_writes_the_manifest(tmp_path, data
     run_stage(_cfg(tmp_path / "two", data, teacher))
     assert seen == [1, 0]
     assert _files(tmp_path / "two" / "teacher_cache") == _files(tmp_path / "single" / "teacher_cache")
+
+
+def test_rank0_stops_waiting_for_a_rank_that_never_finishes(tmp_path, data, teacher, monkeypatch):
+    from lfm2_train.engine.barrier import BarrierTimeout
+    from lfm2_train.engine.distributed import Runtime
+
+    runtime = Runtime(rank=0, world_size=2)
+    runtime.barrier = lambda: None  # rank 1 never runs
+    monkeypatch.setattr(cache_teacher.Runtime, "from_env", lambda _cfg: runtime)
+    with pytest.raises(BarrierTimeout, match=r"rank 1 to write .*topk-00001\.done\.json.*timeout of 0\.5 s"):
+        run_stage(_cfg(tmp_path, data, teacher, "stage.wait_timeout_s=0.5"))
+    assert (tmp_path / "teacher_cache" / "topk-00000.ids").is_file()  # its own shards are kept for the rerun
+    assert not (tmp_path / "teacher_cache" / CACHE_MANIFEST).exists()
 
 
 def test_transformers_teacher(tmp_path, data):
