@@ -13,12 +13,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|startoftext|>"
@@ -364,3 +367,42 @@ def train_bpe_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer)
     return LFM2Tokenizer(backend, add_bos_token=True)
+
+
+# ---- which tokenizer a stage uses ----------------------------------------------------------------------
+
+def model_tokenizer_dir(init_from: str | None) -> Path | None:
+    """The directory holding `model.init_from`'s own tokenizer, if it has one."""
+    if init_from and (Path(init_from) / "tokenizer.json").is_file():
+        return Path(init_from)
+    return None
+
+
+def resolve_tokenizer(stage: DictConfig, init_from: str | None) -> LFM2Tokenizer:
+    """`stage.tokenizer`, else the tokenizer saved with `model.init_from`, else the bundled tiny one (the
+    tokenizer a training stage without token shards, sft or preference, encodes its data with)."""
+    if stage.tokenizer:
+        return LFM2Tokenizer.from_pretrained(stage.tokenizer)
+    if init_from and (Path(init_from) / "tokenizer.json").is_file():
+        return LFM2Tokenizer.from_pretrained(init_from)
+    return LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
+
+
+def checkpoint_tokenizer(stage: DictConfig, checkpoint: str | None, vocab_size: int) -> LFM2Tokenizer:
+    """The tokenizer to run a checkpoint with (generate, eval): its own wins; an explicit `stage.tokenizer`
+    overrides; else the bundled one. Refused when it has more tokens than the model's `vocab_size`."""
+    if stage.tokenizer:
+        path = Path(stage.tokenizer)
+    elif checkpoint and (Path(checkpoint) / "tokenizer.json").is_file():
+        path = Path(checkpoint)
+    elif checkpoint:
+        raise FileNotFoundError(f"{checkpoint} has no tokenizer.json; pass stage.tokenizer=<dir>")
+    else:
+        path = tiny_tokenizer_path()
+    tokenizer = LFM2Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{vocab_size}: they were not made for each other"
+        )
+    return tokenizer

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from lfm2_train.tokenizer import (
     LFM2_SPECIAL_TOKENS,
     LFM2Tokenizer,
+    checkpoint_tokenizer,
+    model_tokenizer_dir,
+    resolve_tokenizer,
     tiny_tokenizer_path,
     train_bpe_tokenizer,
 )
@@ -211,3 +215,26 @@ def test_bundled_tiny_tokenizer_matches_script() -> None:
     spec.loader.exec_module(module)
     rebuilt = train_bpe_tokenizer(module.corpus(), vocab_size=module.VOCAB_SIZE)
     assert rebuilt.fingerprint() == LFM2Tokenizer.from_pretrained(tiny_tokenizer_path()).fingerprint()
+
+
+def test_which_tokenizer_a_stage_uses(tmp_path):
+    """A model directory's own tokenizer, else an explicit one, else the bundled tiny one; a checkpoint without
+    a tokenizer, or a tokenizer larger than the model's vocabulary, is refused by name."""
+    tiny = LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
+    own = tmp_path / "model"
+    train_bpe_tokenizer(TEXTS, vocab_size=300).save_pretrained(own)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    none = SimpleNamespace(tokenizer=None)
+    assert model_tokenizer_dir(str(own)) == own and model_tokenizer_dir(str(bare)) is None
+    assert model_tokenizer_dir(None) is None
+    assert resolve_tokenizer(none, str(own)).fingerprint() != tiny.fingerprint()
+    assert resolve_tokenizer(none, str(bare)).fingerprint() == tiny.fingerprint()
+    assert resolve_tokenizer(SimpleNamespace(tokenizer=str(tiny_tokenizer_path())), str(own)).fingerprint() == \
+        tiny.fingerprint()
+    assert checkpoint_tokenizer(none, None, 512).fingerprint() == tiny.fingerprint()
+    assert checkpoint_tokenizer(none, str(own), 512).vocab_size <= 300
+    with pytest.raises(FileNotFoundError, match=f"{bare} has no tokenizer.json"):
+        checkpoint_tokenizer(none, str(bare), 512)
+    with pytest.raises(ValueError, match="the model's vocab_size is 64"):
+        checkpoint_tokenizer(none, str(own), 64)

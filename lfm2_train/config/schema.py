@@ -201,6 +201,7 @@ class CacheTeacherStageConfig:
     overwrite: bool = False  # replace a cache (complete or not) made from another teacher/dataset/K
     progress_bar: bool = True
     stop_after_blocks: int | None = None  # debug: stop as if interrupted after this many blocks
+    wait_timeout_s: float = 3600.0  # rank 0 waits at most this long for the other ranks' shards, then fails
 
 
 # ---- stage: sft ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ dispatch is data-dependent, which fake tensors cannot follow; the experts then r
 hold the same tensors as the per-expert loop); torch.compile is not applied (compiled
 layers usually need less activation memory, so the plan errs high); CPU autocast stands in for CUDA
 autocast (the same matmuls run in bf16); the CUDA context, NCCL buffers and allocator fragmentation are
-not tensors and are covered by a reserve in the verdict (`stages/plan.py`).
+not tensors and are covered by a reserve in the verdict (`engine/plan_report.py`).
 """
 
 from __future__ import annotations

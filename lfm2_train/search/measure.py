@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("float32", "bfloat16")
+
+
+def machine_description() -> str:
+    """The CPU model and logical CPU count the measurements were taken on (recorded with the results)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
 
 
 def _status_mb(key: str) -> float | None:

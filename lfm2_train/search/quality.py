@@ -1,5 +1,5 @@
-"""A candidate's quality estimate: a short pre-training run with the pretrain stage's own job builder and
-trainer, then the validation loss on the held-out documents (`evaluation.validation_loss`).
+"""A candidate's quality estimate: a short pre-training run with the pre-training job builder
+(`engine/job.py`) and trainer, then the validation loss on the held-out documents (`evaluation.validation_loss`).
 
 Short proxies rank architectures, they do not predict final losses: every candidate gets the same data,
 seed, steps, tokens and learning-rate schedule, so the differences come from the layout.
@@ -15,9 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..engine.distributed import Runtime
+from ..engine.job import build_job
 from ..engine.trainer import Trainer
 from ..evaluation import validation_loss
-from ..stages.pretrain import build_job
 from .space import Candidate
 
 

@@ -8,8 +8,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .space import Candidate
+
 COLUMNS = ["rank", "name", "layout", "params", "status", "reason", "val_loss", "latency", "memory",
            "pareto_layer", "hv_contribution", "hv_share"]
+
+
+def candidate_row(c: Candidate, status: str, reason: str = "") -> dict[str, Any]:
+    """A candidate's row of the results, before measurement fills in its numbers."""
+    return {"name": c.name, "layout": c.layout, "params": c.params, "hidden_size": c.hidden_size,
+            "num_layers": c.num_layers, "attention_layers": list(c.attention), "conv_L_cache": c.conv_L_cache,
+            "ff_ratio": c.ff_ratio, "status": status, "reason": reason, "rank": None, "val_loss": None}
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

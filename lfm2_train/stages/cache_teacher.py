@@ -3,386 +3,54 @@
 Distillation (LFM2 report, section 4) reads a teacher's top-K distribution at every position. Running the
 teacher inside the student's training loop would cost a teacher forward per student step and per epoch;
 caching it costs one pass and 128 bytes per token (K = 32, uint16 ids, 2-byte log-probs). The cache format
-is `lfm2_train/data/teacher_cache.py`; this stage only produces it.
+is `lfm2_train/data/teacher_cache.py`; `data/teacher_cache_writer.py` writes it, block by block and
+resumably, with the teachers of `inference/teachers.py`; docs/DISTILLATION.md has the reasoning.
 
     python -m lfm2_train stage=cache_teacher stage.teacher=<teacher dir> data.path=<dataset> stage.output=<dir>
 
-Rules (see docs/DISTILLATION.md for the reasoning):
-- row i of cache shard s = the teacher's log-softmax (full vocabulary, T = 1, fp32) after token i of token
-  shard s, given the document so far; only the top-K ids and their log-probs are kept, sorted descending;
-- a document longer than `max_length` is processed in windows: the first covers tokens [0, max_length);
-  each next window restarts the context `window_overlap` tokens before the first row it emits, so every
-  emitted row sees at least `window_overlap` tokens of its document (0 = non-overlapping restarts);
-- windows are packed into rows of at most `max_length` tokens (several documents per row, separated
-  with `doc_ids`) and rows into forwards of at most `max_tokens_per_batch` tokens; the LM head runs
-  chunk-wise through `head_fn`, so the fp32 (tokens, vocab) logits never exist at once;
-- each shard is processed in blocks of `block_documents` documents; after every block its rows are
-  appended to `.work/<shard>.{ids,lp}.partial` and an atomic progress file records how many documents and
-  tokens are final, so a crash loses at most one block and the resumed output is byte-identical;
-- ranks take disjoint shards (`shard % world_size == rank`); rank 0 writes `teacher_manifest.json` last,
-  once every shard's `.done.json` exists.
+Ranks take disjoint shards (`shard % world_size == rank`); rank 0 writes `teacher_manifest.json` last, once
+every shard's `.done.json` exists, waiting at most `stage.wait_timeout_s` for the others.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from ..data.format import (
-    DataFormatError,
-    Manifest,
-    ShardReader,
-    check_compatible,
-    load_manifest,
-    sha256_file,
-    verify_shards,
-    write_json_atomic,
+from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, verify_shards
+from ..data.resolve import resolve_dataset
+from ..data.teacher_cache import LOGPROB_DTYPES
+from ..data.teacher_cache_writer import (
+    JOB_VERSION,
+    WORK_DIR,
+    cache_is_current,
+    compute_block,
+    finish_cache,
+    start_work_dir,
+    wait_for_shards,
+    write_shards,
 )
-from ..data.teacher_cache import (
-    CACHE_MANIFEST,
-    LOGPROB_DTYPES,
-    CacheManifest,
-    CacheShard,
-    TeacherCache,
-    cache_shard_name,
-    encode_logprobs,
-)
+from ..engine.barrier import FileBarrier
 from ..engine.distributed import Runtime
-from ..losses.head import default_chunk_size
+from ..hints import needs
+from ..inference.teachers import (
+    COMPUTE_DTYPES,
+    LFM2Teacher,
+    TransformersTeacher,
+    check_teacher_tokenizer,
+    check_teacher_vocab,
+    compute_autocast,
+    teacher_format,
+    teacher_geometry,
+    teacher_weights_sha256,
+)
 from ..tokenizer import LFM2Tokenizer
-from .common import resolve_dataset
-from .hints import needs
-
-JOB_VERSION = 1  # bump when a change to this stage changes the bytes it writes
-WORK_DIR = ".work"
-TEACHER_FORMATS = ("auto", "lfm2", "transformers")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LFM2_MODEL_TYPES = ("lfm2", "lfm2_moe")
-_HF_ATTN = {"sdpa": "sdpa", "eager": "eager", "flash_attn": "flash_attention_2"}
 
 
-# ---------------------------------------------------------------------------------------------- windows
-def document_windows(length: int, max_length: int, overlap: int) -> list[tuple[int, int, int]]:
-    """(context start, first emitted row, end) of each window of a document of `length` tokens.
-
-    Rows [emit, end) of the document are computed from tokens [start, end). Windows after the first start
-    `overlap` tokens before their first row, so no row is predicted from (almost) no context, at a compute
-    cost of max_length / (max_length - overlap) on long documents only.
-    """
-    if not 0 <= overlap < max_length:
-        raise ValueError(f"window_overlap={overlap} must be in [0, max_length={max_length})")
-    out, emit = [], 0
-    while emit < length:
-        start = 0 if emit == 0 else emit - overlap
-        end = min(start + max_length, length)
-        out.append((start, emit, end))
-        emit = end
-    return out
-
-
-def pack_segments(lengths: list[int], capacity: int, pack: bool) -> list[list[int]]:
-    """Rows of segment indices: first-fit decreasing into rows of `capacity` tokens (one per row unless `pack`).
-
-    Deterministic in its input, which is what makes a resumed block compute exactly the same batches.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if not pack:
-        return [[i] for i in order]
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(capacity - lengths[i])
-    return rows
-
-
-def group_rows(row_lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Batches of row indices such that (rows x longest row) <= max_tokens (at least one row each)."""
-    order = sorted(range(len(row_lengths)), key=lambda r: (-row_lengths[r], r))
-    batches: list[list[int]] = []
-    for r in order:
-        if batches and (len(batches[-1]) + 1) * row_lengths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(r)
-        else:
-            batches.append([r])
-    return batches
-
-
-# ---------------------------------------------------------------------------------------------- top-K head
-def topk_head(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
-              scale: float | None = None, softcap: float | None = None, chunk_size: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (n, d), head weight (V, d) -> top-K ids (n, K) long and log-probs (n, K) fp32, on the CPU.
-
-    Logits are computed in fp32 (outside autocast) one chunk of positions at a time, so a chunk's (chunk, V)
-    buffer is the only vocabulary-sized tensor alive; log-probs are exact log-softmax over the full vocab.
-    """
-    n = hidden.shape[0]
-    chunk = chunk_size or default_chunk_size(weight.shape[0])
-    ids = torch.empty((n, k), dtype=torch.long)
-    lp = torch.empty((n, k), dtype=torch.float32)
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        w = weight.float()
-        b = bias.float() if bias is not None else None
-        for s in range(0, n, chunk):
-            logits = F.linear(hidden[s:s + chunk].float(), w, b)
-            if scale is not None:
-                logits = logits * scale
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            vals, top = torch.topk(logits, k, dim=-1)
-            ids[s:s + chunk] = top.cpu()
-            lp[s:s + chunk] = (vals - lse).cpu()
-            del logits
-    return ids, lp
-
-
-# ---------------------------------------------------------------------------------------------- teachers
-class LFM2Teacher:
-    """Our model: several documents per row (`doc_ids` keep attention and the conv inside each document)."""
-
-    packs_documents = True
-
-    def __init__(self, path: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str) -> None:
-        from ..model import LFM2ForCausalLM
-
-        self.model = LFM2ForCausalLM.from_pretrained(path, dtype=dtype, device=device,
-                                                     attn_implementation=attn_implementation).eval()
-        self.device = device
-        self.vocab_size = self.model.config.vocab_size
-        self.num_parameters = self.model.num_parameters()
-
-    def topk(self, input_ids: torch.Tensor, doc_ids: torch.Tensor, emit: torch.Tensor, k: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        emit = emit.to(self.device)
-        return self.model(input_ids.to(self.device), doc_ids=doc_ids.to(self.device),
-                          head_fn=lambda h, w: topk_head(h[emit], w, k))
-
-
-class TransformersTeacher:
-    """Any `transformers` causal LM: one window per row, right-padded (causal, so padding is never seen).
-
-    The backbone's last hidden state goes through our chunked top-K head with the model's own output
-    embedding (bias, `logit_scale` and `final_logit_softcapping` applied when the config has them).
-    """
-
-    packs_documents = False
-
-    def __init__(self, path: Path, dtype: torch.dtype, device: torch.device, attn_implementation: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=_HF_ATTN.get(attn_implementation, attn_implementation)
-        ).to(device).eval()
-        self.device = device
-        self.decoder = self.model.get_decoder()
-        self.head = self.model.get_output_embeddings()
-        if not isinstance(self.head, torch.nn.Linear):
-            raise ValueError(f"teacher {path}: output embedding is {type(self.head).__name__}, not a Linear; "
-                             "the top-K head cannot be computed chunk-wise for it")
-        config = self.model.config.get_text_config()
-        self.vocab_size = int(self.head.weight.shape[0])
-        self.model_type = str(self.model.config.model_type)
-        self.num_parameters = int(sum(p.numel() for p in self.model.parameters()))
-        scale = getattr(config, "logit_scale", None)
-        self.scale = float(scale) if isinstance(scale, (int, float)) and scale != 1 else None
-        cap = getattr(config, "final_logit_softcapping", None)
-        self.softcap = float(cap) if cap else None
-
-    def topk(self, input_ids: torch.Tensor, doc_ids: torch.Tensor, emit: torch.Tensor, k: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = (doc_ids >= 0).long().to(self.device)
-        h = self.decoder(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state
-        return topk_head(h[emit.to(self.device)], self.head.weight, k, bias=self.head.bias, scale=self.scale,
-                         softcap=self.softcap)
-
-
-Teacher = LFM2Teacher | TransformersTeacher
-
-
-# ---------------------------------------------------------------------------------------------- checks
-def teacher_format(path: Path, requested: str) -> tuple[str, str]:
-    """(format, config.json model_type): `auto` picks our loader for lfm2 / lfm2_moe, transformers otherwise."""
-    if requested not in TEACHER_FORMATS:
-        raise ValueError(f"stage.teacher_format={requested!r}; choose one of {TEACHER_FORMATS}")
-    if not path.is_dir():
-        raise FileNotFoundError(f"stage.teacher={path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"stage.teacher={path} has no config.json: not a Hugging Face checkpoint directory")
-    model_type = str(json.loads(config_file.read_text()).get("model_type"))
-    if requested == "auto":
-        return ("lfm2" if model_type in LFM2_MODEL_TYPES else "transformers"), model_type
-    return requested, model_type
-
-
-def teacher_geometry(path: Path, fmt: str) -> tuple[int, int | None]:
-    """(vocab_size, max positions or None) from config.json alone, so refusals come before the weights load."""
-    if fmt == "lfm2":
-        from ..model.hf_io import read_config
-
-        config = read_config(path)
-        return config.vocab_size, config.max_position_embeddings
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path).get_text_config()
-    return int(config.vocab_size), getattr(config, "max_position_embeddings", None)
-
-
-def check_teacher_tokenizer(teacher: Path, fmt: str, tokenizer_dir: Path, tokenizer: LFM2Tokenizer) -> None:
-    """Refuse a teacher whose token ids mean something else: its top-K ids would be garbage to the student.
-
-    Our loader's fingerprint (vocab + merges + special tokens) decides when it can read the teacher's
-    tokenizer.json; a transformers teacher whose tokenizer only `AutoTokenizer` reads is compared by
-    vocabulary and special tokens instead.
-    """
-    where = f"teacher {teacher} and the dataset/student tokenizer {tokenizer_dir}"
-    if (teacher / "tokenizer.json").is_file():
-        try:
-            theirs = LFM2Tokenizer.from_pretrained(teacher, required_special_tokens=None).fingerprint()
-        except Exception as err:  # noqa: BLE001 - any unreadable tokenizer.json falls through to AutoTokenizer
-            if fmt != "transformers":
-                raise DataFormatError(f"cannot read the tokenizer of teacher {teacher}: {err}") from None
-        else:
-            if theirs != tokenizer.fingerprint():
-                raise DataFormatError(f"{where} differ (fingerprint {theirs[:12]}… != "
-                                      f"{tokenizer.fingerprint()[:12]}…): distillation needs identical token ids")
-            return
-    elif fmt != "transformers":
-        raise FileNotFoundError(f"teacher {teacher} has no tokenizer.json: copy the tokenizer it was trained with")
-    from transformers import AutoTokenizer
-
-    try:
-        a = AutoTokenizer.from_pretrained(teacher)
-    except Exception as err:  # noqa: BLE001
-        raise DataFormatError(f"teacher {teacher} has no tokenizer transformers can load ({err})") from None
-    b = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def special(t: Any) -> dict[str, int]:
-        return {tok.content: i for i, tok in t.added_tokens_decoder.items() if tok.special}
-
-    if a.get_vocab() != b.get_vocab() or special(a) != special(b):
-        raise DataFormatError(f"{where} differ (vocabulary or special tokens): distillation needs identical ids")
-
-
-def check_teacher_vocab(teacher: Path, vocab: int, manifest: Manifest, tokenizer: LFM2Tokenizer,
-                        dataset_dir: Path) -> None:
-    """The cache's vocab_size is the student's: a teacher with another head size cannot be distilled from."""
-    if vocab != manifest.vocab_size:
-        raise DataFormatError(f"teacher {teacher} has vocab_size {vocab}, dataset {dataset_dir} "
-                              f"(and so the student) {manifest.vocab_size}: a cache needs them equal")
-    if vocab < tokenizer.vocab_size:
-        raise DataFormatError(f"teacher {teacher} has vocab_size {vocab} < the tokenizer's {tokenizer.vocab_size}")
-
-
-def teacher_weights_sha256(path: Path) -> str:
-    """sha256 over config.json and every weight file: the teacher's identity, robust to moving the directory."""
-    import hashlib
-
-    h = hashlib.sha256()
-    files = sorted({p for pattern in ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin")
-                    for p in path.glob(pattern)})
-    for file in files:
-        h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
-    return h.hexdigest()
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
-
-
-# ---------------------------------------------------------------------------------------------- block compute
-def compute_block(teacher: Teacher, docs: list[np.ndarray], *, k: int, ids_dtype: str, logprob_dtype: str,
-                  max_length: int, overlap: int, max_tokens: int, autocast: Callable[[], AbstractContextManager]
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-K ids (n, K) and log-prob words (n, K) for the n tokens of consecutive documents `docs`."""
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-    n = int(offsets[-1])
-    out_ids = np.empty((n, k), dtype=ids_dtype)
-    out_lp = torch.empty((n, k), dtype=torch.float32)
-    covered = np.zeros(n, dtype=bool)
-    segments = []  # (doc, context start, emit start, end)
-    for j, doc in enumerate(docs):
-        segments += [(j, *w) for w in document_windows(len(doc), max_length, overlap)]
-    seg_len = [end - start for _, start, _, end in segments]
-    rows = pack_segments(seg_len, max_length, teacher.packs_documents)
-    row_len = [sum(seg_len[i] for i in row) for row in rows]
-    for batch in group_rows(row_len, max_tokens):
-        T = max(row_len[r] for r in batch)
-        input_ids = torch.zeros((len(batch), T), dtype=torch.long)
-        doc_ids = torch.full((len(batch), T), -1, dtype=torch.long)
-        emit = torch.zeros((len(batch), T), dtype=torch.bool)
-        dest = torch.zeros((len(batch), T), dtype=torch.long)
-        for b, r in enumerate(batch):
-            pos = 0
-            for s_i, i in enumerate(rows[r]):
-                j, start, first, end = segments[i]
-                length = end - start
-                input_ids[b, pos:pos + length] = torch.from_numpy(docs[j][start:end].astype(np.int64))
-                doc_ids[b, pos:pos + length] = s_i
-                emit[b, pos + first - start:pos + length] = True
-                dest[b, pos:pos + length] = torch.arange(offsets[j] + start, offsets[j] + end)
-                pos += length
-        with torch.inference_mode(), autocast():
-            ids, lp = teacher.topk(input_ids, doc_ids, emit, k)
-        where = dest[emit].numpy()
-        out_ids[where] = ids.numpy().astype(ids_dtype)
-        out_lp[torch.from_numpy(where)] = lp
-        covered[where] = True
-    if not covered.all():  # a bug in the window or packing rules, never a data problem
-        raise AssertionError(f"block rows {np.flatnonzero(~covered)[:8].tolist()} were not computed")
-    return out_ids, encode_logprobs(out_lp, logprob_dtype)
-
-
-# ---------------------------------------------------------------------------------------------- shard files
-def _fsync_append(path: Path, data: np.ndarray) -> None:
-    with open(path, "ab") as f:
-        f.write(np.ascontiguousarray(data).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_progress(path: Path, progress: dict[str, int]) -> None:
-    """Atomic: the partial files' first `tokens_done` rows are final once this returns."""
-    write_json_atomic(path, progress)
-
-
-def _finished_shard(out: Path, work: Path, name: str, tokens: int) -> CacheShard | None:
-    """A shard completed by an earlier run, if its files still hash to what was recorded."""
-    done = work / f"{name}.done.json"
-    if not done.is_file():
-        return None
-    entry = CacheShard(**json.loads(done.read_text()))
-    ok = entry.tokens == tokens and all(
-        (out / f"{name}{suffix}").is_file() and sha256_file(out / f"{name}{suffix}") == digest
-        for suffix, digest in ((".ids", entry.ids_sha256), (".lp", entry.lp_sha256)))
-    if not ok:
-        print(f"cache_teacher: {name} no longer matches its recorded sha256; recomputing it")
-        done.unlink()
-        return None
-    return entry
-
-
-# ---------------------------------------------------------------------------------------------- the stage
 def _options(stage: DictConfig, runtime: Runtime) -> dict[str, Any]:
     if not stage.teacher:
         raise ValueError(needs("cache_teacher", "stage.teacher=<directory of the teacher checkpoint>"))
@@ -441,32 +109,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(stage.output) if stage.output else Path(cfg.output_dir) / "teacher_cache"
     work = out / WORK_DIR
     summary: dict[str, Any] = {"output": str(out), "tokens": manifest.num_tokens, "shards": len(manifest.shards)}
-    if (out / CACHE_MANIFEST).is_file():
-        old = CacheManifest.from_dict(json.loads((out / CACHE_MANIFEST).read_text()), str(out / CACHE_MANIFEST))
-        old_job = old.extra.get("job", {"k": old.k, "dataset_manifest_hash": old.dataset_manifest_hash})
-        if old_job == job:
-            TeacherCache(out, manifest, k=k, verify_hashes=cfg.data.verify_hashes)  # raises if damaged
-            if runtime.is_main:
-                print(f"cache_teacher: {out} already holds this cache; nothing to do")
-            return {**summary, "status": "complete", "computed_tokens": 0}
-        if not stage.overwrite:
-            raise DataFormatError(f"{out} holds a complete teacher cache made from another teacher/dataset/K "
-                                  f"({'; '.join(_differences(old_job, job))}); set stage.overwrite=true to replace it")
-    elif (work / "job.json").is_file():
-        old_job = json.loads((work / "job.json").read_text())
-        if old_job != job and not stage.overwrite:
-            raise DataFormatError(f"{out} holds an unfinished cache of another job "
-                                  f"({'; '.join(_differences(old_job, job))}); set stage.overwrite=true to discard it")
+    if cache_is_current(out, job, manifest, verify_hashes=cfg.data.verify_hashes, overwrite=stage.overwrite):
+        if runtime.is_main:
+            print(f"cache_teacher: {out} already holds this cache; nothing to do")
+        return {**summary, "status": "complete", "computed_tokens": 0}
     if runtime.is_main:
-        stale = (out / CACHE_MANIFEST).is_file() or ((work / "job.json").is_file()
-                                                     and json.loads((work / "job.json").read_text()) != job)
-        if stale:  # only reachable with stage.overwrite=true
-            (out / CACHE_MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(work, ignore_errors=True)
-            for f in out.glob("topk-*"):
-                f.unlink()
-        work.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(work / "job.json", job)
+        start_work_dir(out, job)
     runtime.barrier()  # the others must not read a work directory rank 0 is clearing
     work.mkdir(parents=True, exist_ok=True)
 
@@ -478,97 +126,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if teacher.vocab_size != vocab:
         raise DataFormatError(f"teacher {teacher_dir}: head has {teacher.vocab_size} rows, config.json says {vocab}")
 
-    def autocast() -> AbstractContextManager:
-        if compute_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=compute_dtype)
-
     # -- my shards, block by block
-    reader = ShardReader(dataset_dir, manifest)
-    first_doc = np.concatenate([[0], np.cumsum([s.documents for s in manifest.shards])]).astype(np.int64)
+    compute = partial(compute_block, teacher, k=k, ids_dtype=ids_dtype, logprob_dtype=stage.logprob_dtype,
+                      max_length=stage.max_length, overlap=opts["overlap"], max_tokens=stage.max_tokens_per_batch,
+                      autocast=compute_autocast(device, compute_dtype))
     mine = [s for s in range(len(manifest.shards)) if s % runtime.world_size == runtime.rank]
-    names = [cache_shard_name(s.name) for s in manifest.shards]
-    ids_row, lp_row = k * np.dtype(ids_dtype).itemsize, k * 2
-    entries = {s: _finished_shard(out, work, names[s], manifest.shards[s].tokens) for s in mine}
-    todo = [s for s in mine if entries[s] is None]
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=sum(manifest.shards[s].tokens for s in todo), unit="tok", unit_scale=True,
-               desc="cache_teacher", disable=not (stage.progress_bar and runtime.is_main), dynamic_ncols=True)
-    blocks, computed, interrupted = 0, 0, False
-    compute_start = time.perf_counter()
-    for s in todo:
-        name, info = names[s], manifest.shards[s]
-        progress_file = work / f"{name}.progress.json"
-        partial = {".ids": work / f"{name}.ids.partial", ".lp": work / f"{name}.lp.partial"}
-        progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-        sizes = {suf: p.stat().st_size if p.is_file() else 0 for suf, p in partial.items()}
-        if progress is None or sizes[".ids"] < progress["tokens"] * ids_row \
-                or sizes[".lp"] < progress["tokens"] * lp_row:
-            progress = {"documents": 0, "tokens": 0}  # nothing usable: start the shard over
-        for suffix, path in partial.items():  # drop rows of a block whose progress was never recorded
-            with open(path, "ab") as f:
-                f.truncate(progress["tokens"] * (ids_row if suffix == ".ids" else lp_row))
-        bar.update(progress["tokens"])
-        bar.set_postfix_str(name)
-        for lo in range(progress["documents"], info.documents, stage.block_documents):
-            hi = min(lo + stage.block_documents, info.documents)
-            docs = [np.asarray(reader.document(int(first_doc[s] + j))) for j in range(lo, hi)]
-            ids, words = compute_block(teacher, docs, k=k, ids_dtype=ids_dtype, logprob_dtype=stage.logprob_dtype,
-                                       max_length=stage.max_length, overlap=opts["overlap"],
-                                       max_tokens=stage.max_tokens_per_batch, autocast=autocast)
-            _fsync_append(partial[".ids"], ids)
-            _fsync_append(partial[".lp"], words)
-            progress = {"documents": hi, "tokens": progress["tokens"] + len(ids)}
-            _write_progress(progress_file, progress)
-            bar.update(len(ids))
-            computed += len(ids)
-            blocks += 1
-            if stage.stop_after_blocks is not None and blocks >= stage.stop_after_blocks:
-                interrupted = True
-                break
-        if interrupted:
-            break
-        if progress["tokens"] != info.tokens:
-            raise DataFormatError(f"{name}: computed {progress['tokens']} rows for {info.tokens} tokens")
-        # The partial files hold exactly the bytes `write_cache_shard` writes; renaming them avoids reading
-        # a multi-GB shard back into memory.
-        for suffix, path in partial.items():
-            os.replace(path, out / f"{name}{suffix}")
-        entry = CacheShard(name=name, tokens=info.tokens, ids_sha256=sha256_file(out / f"{name}.ids"),
-                           lp_sha256=sha256_file(out / f"{name}.lp"))
-        write_json_atomic(work / f"{name}.done.json", asdict(entry))
-        progress_file.unlink()
-        entries[s] = entry
-    bar.close()
-    seconds = time.perf_counter() - compute_start
-    summary.update(computed_tokens=computed, seconds=round(time.perf_counter() - started, 3),
-                   tokens_per_s=round(computed / max(seconds, 1e-9), 1))
-    if interrupted:
+    done = write_shards(out, manifest, ShardReader(dataset_dir, manifest), mine, compute, k=k, ids_dtype=ids_dtype,
+                        block_documents=stage.block_documents, stop_after_blocks=stage.stop_after_blocks,
+                        progress_bar=stage.progress_bar and runtime.is_main)
+    summary.update(computed_tokens=done.rows, seconds=round(time.perf_counter() - started, 3),
+                   tokens_per_s=round(done.rows / max(done.seconds, 1e-9), 1))
+    if done.interrupted:
         if runtime.is_main:
-            print(f"cache_teacher: stopped after {blocks} blocks (stage.stop_after_blocks); rerun to resume")
+            print(f"cache_teacher: stopped after {done.blocks} blocks (stage.stop_after_blocks); rerun to resume")
         return {**summary, "status": "interrupted"}
     if not runtime.is_main:
         return {**summary, "status": "finished"}
 
     # -- rank 0: wait for every shard (a file barrier: ranks may finish hours apart, past any collective
     # timeout), then write the manifest last
-    shards: list[CacheShard] = []
-    for s, info in enumerate(manifest.shards):
-        entry = entries.get(s)
-        while entry is None and (entry := _finished_shard(out, work, names[s], info.tokens)) is None:
-            print(f"cache_teacher: waiting for rank {s % runtime.world_size} to finish {names[s]}")
-            time.sleep(10)
-        shards.append(entry)
+    barrier = FileBarrier(stage.wait_timeout_s, label="cache_teacher",
+                          hint="Did that rank fail? Finished shards are kept: rerunning the stage resumes (or raise "
+                               "stage.wait_timeout_s)")
+    shards = wait_for_shards(out, manifest, done.entries, runtime.world_size, barrier.wait)
     teacher_info = {**teacher_id, "path": str(teacher_dir), "num_parameters": teacher.num_parameters}
-    CacheManifest(k=k, vocab_size=vocab, ids_dtype=ids_dtype, logprob_dtype=stage.logprob_dtype,
-                  dataset_manifest_hash=manifest.hash(), tokenizer_fingerprint=tokenizer.fingerprint(),
-                  teacher=teacher_info, shards=shards,
-                  extra={"job": job, "max_length": job["max_length"], "window_overlap": job["window_overlap"],
-                         "compute_dtype": opts["dtype"]}).save(out)
-    shutil.rmtree(work, ignore_errors=True)
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    summary.update(status="finished", bytes_per_token=round(size / max(manifest.num_tokens, 1), 2))
+    summary.update(status="finished", bytes_per_token=finish_cache(out, manifest, job, teacher_info, shards))
     print(f"cache_teacher: {manifest.num_tokens} tokens in {len(shards)} shards -> {out} "
           f"({summary['bytes_per_token']} B/token, {summary['tokens_per_s']} tok/s)")
     return summary

@@ -19,10 +19,10 @@ from ..data.format import load_manifest
 from ..data.teacher_cache import TeacherBatches, TeacherCache
 from ..engine.callbacks import Callback
 from ..engine.distributed import Runtime
+from ..engine.job import build_job
 from ..engine.trainer import Trainer
+from ..hints import needs
 from ..losses import KDParams, ce_kd_chunk, fused_head_loss, lm_loss
-from .hints import needs
-from .pretrain import build_job
 
 
 def anneal(start: float, end: float | None, progress: float, shape: str) -> float:

@@ -11,6 +11,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.format import check_compatible, load_manifest
+from ..data.resolve import resolve_dataset
+from ..engine.model_setup import DTYPES, build_model
 from ..evaluation.report import markdown_table, write_results
 from ..evaluation.runner import make_runner
 from ..evaluation.tasks import (
@@ -27,8 +29,7 @@ from ..evaluation.tasks import (
     run_multiple_choice,
     run_perplexity,
 )
-from .common import build_model, model_tokenizer_dir, resolve_dataset
-from .generate import DTYPES, load_tokenizer
+from ..tokenizer import checkpoint_tokenizer, model_tokenizer_dir
 
 
 def _apply_limit(spec: Any, limit: int | None) -> Any:
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"stage.tasks has duplicate names {names}; set a distinct 'name' on each")
 
     model = build_model(cfg.model).to(DTYPES[stage.dtype]).eval()
-    tokenizer = load_tokenizer(stage, cfg.model.init_from, model)
+    tokenizer = checkpoint_tokenizer(stage, cfg.model.init_from, model.config.vocab_size)
     runner = make_runner(model, stage.runner, stage.batch_size)
     if not cfg.model.init_from:
         print(f"note: model.init_from is not set: evaluating a randomly initialised {cfg.model.preset!r} preset")

@@ -7,35 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
+from ..engine.model_setup import DTYPES, build_model
+from ..hints import chain_command
 from ..inference import SamplingConfig, generate
-from ..model import LFM2ForCausalLM
-from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model
-from .hints import chain_command
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def load_tokenizer(stage: DictConfig, checkpoint: str | None, model: LFM2ForCausalLM) -> LFM2Tokenizer:
-    """The checkpoint's own tokenizer wins; an explicit `stage.tokenizer` overrides; else the bundled one."""
-    if stage.tokenizer:
-        path = Path(stage.tokenizer)
-    elif checkpoint and (Path(checkpoint) / "tokenizer.json").is_file():
-        path = Path(checkpoint)
-    elif checkpoint:
-        raise FileNotFoundError(f"{checkpoint} has no tokenizer.json; pass stage.tokenizer=<dir>")
-    else:
-        path = tiny_tokenizer_path()
-    tokenizer = LFM2Tokenizer.from_pretrained(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer at {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}: they were not made for each other"
-        )
-    return tokenizer
+from ..tokenizer import checkpoint_tokenizer
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -43,7 +20,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if stage.dtype not in DTYPES:
         raise ValueError(f"stage.dtype={stage.dtype!r}; choose one of {sorted(DTYPES)}")
     model = build_model(cfg.model).to(DTYPES[stage.dtype]).eval()
-    tokenizer = load_tokenizer(stage, cfg.model.init_from, model)
+    tokenizer = checkpoint_tokenizer(stage, cfg.model.init_from, model.config.vocab_size)
     if not cfg.model.init_from:
         hint = chain_command("generate")
         print(f"warning: model.init_from is not set: these are the random weights of the {cfg.model.preset!r} "

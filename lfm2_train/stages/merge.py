@@ -15,10 +15,10 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.resolve import resolve_dataset
 from ..merge import MergeConfigError, merge_checkpoints, parse_merge_config
 from ..merge.adapters import fold_adapter_inputs, merge_adapter_into
 from ..merge.selection import arithmetic_evaluation, expand_candidates, select_merge, validation_loss_evaluation
-from .common import resolve_dataset
 
 INLINE_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source",
                "expert_bias")

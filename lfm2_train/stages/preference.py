@@ -18,67 +18,24 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.ld_reference import ld_reference_logps
 from ..data.packed import split_documents
-from ..data.preference import (
-    EncodedPair,
-    PairStream,
-    PreferencePairs,
-    collate_pairs,
-    load_preference_pairs,
-    pairs_hash,
-)
+from ..data.pair_batches import pair_batches
+from ..data.preference import PairStream, load_preference_pairs
 from ..data.ref_logps import reference_logps
 from ..engine.distributed import Runtime, builds_on_meta
+from ..engine.model_setup import build_model, lora_enabled, setup_lora
 from ..engine.trainer import Trainer, TrainJob
-from ..losses.preference import PreferenceLoss, pair_logps, pair_logps_split
+from ..losses.pair_loss import PairLoss, pair_metrics
+from ..losses.preference import PreferenceLoss
 from ..model.lora import disable_adapters
-from .common import build_model, lora_enabled, setup_lora
-from .sft import resolve_tokenizer
-
-
-class PairLoss:
-    """loss_fn for the trainer: (model, pair batch) -> (sum of per-pair losses, pairs, metric sums)."""
-
-    def __init__(self, loss: PreferenceLoss) -> None:
-        self.loss = loss
-
-    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        ref = batch.get("ref_logps")
-        if self.loss.ld_alpha is None:
-            logps, lengths = pair_logps(model, batch)  # (B, 2) each
-            tails = ref_tails = None
-        else:  # LD-DPO: ref_logps is (B, 2, 2) [total, tail] (`_ld_reference`)
-            logps, lengths, tails = pair_logps_split(model, batch)
-            ref, ref_tails = (ref[..., 0], ref[..., 1].to(logps.dtype)) if ref is not None else (None, None)
-        per_pair, metrics = self.loss(logps, ref.to(logps.dtype) if ref is not None else None, lengths, tails,
-                                      ref_tails)
-        return per_pair.sum(), torch.tensor(per_pair.shape[0]), metrics
-
-
-@torch.no_grad()
-def pair_metrics(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], loss: PairLoss) -> dict[str, float]:
-    """Per-pair means of the loss and its metrics over `batches` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums: dict[str, float] = {}
-    n = 0
-    for batch in batches:
-        total, count, metrics = loss(model, {k: v.to(device) for k, v in batch.items()})
-        sums["loss"] = sums.get("loss", 0.0) + float(total)
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += int(count)
-    model.train(was_training)
-    return {k: v / max(n, 1) for k, v in sums.items()}
+from ..tokenizer import resolve_tokenizer
 
 
 def _steps(epochs: float | None, n_train: int, pairs_per_step: int, max_steps: int) -> int:
@@ -91,38 +48,6 @@ def _steps(epochs: float | None, n_train: int, pairs_per_step: int, max_steps: i
         raise ValueError(f"stage.epochs={epochs} over {n_train} training pairs is less than one step of "
                          f"{pairs_per_step} pairs; add pairs or epochs, or lower trainer.micro_batch_size")
     return steps
-
-
-def _batches(pairs: PreferencePairs, index: np.ndarray, pad_id: int, ref: np.ndarray | None, size: int,
-             limit: int | None = None) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for s in range(0, len(index), size):
-        idx = [int(i) for i in index[s:s + size]]
-        out.append(collate_pairs([pairs.pairs[i] for i in idx], pad_id, ref, idx))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
-
-
-def _ld_reference(pairs: list[EncodedPair], totals: np.ndarray, stage: DictConfig, reference: str, tokenizer: Any,
-                  runtime: Runtime, model: torch.nn.Module | None = None,
-                  reference_variant: str | None = None) -> np.ndarray:
-    """LD-DPO's reference tails: (pairs, 2) totals -> (pairs, 2, 2) [total, tail past the shared length].
-
-    pi_ref is causal, so its log-probs of a response's first k tokens are those of the response cut to k
-    tokens: the shared part is one more cached pass over the pairs cut to the shorter response (its own
-    content-addressed cache, or `<stage.ref_cache>/ld_shared`), and the tail is total - shared.
-    """
-    cut = [replace(p, chosen=p.chosen[:k], rejected=p.rejected[:k])
-           for p in pairs for k in [min(len(p.chosen), len(p.rejected))]]
-    shared, info = reference_logps(
-        cut, data_hash=pairs_hash(cut), tokenizer_fingerprint=tokenizer.fingerprint(), reference=reference,
-        pad_id=tokenizer.pad_token_id, directory=f"{stage.ref_cache}/ld_shared" if stage.ref_cache else None,
-        overwrite=stage.ref_cache_overwrite, batch_pairs=stage.ref_batch_pairs, device=runtime.device,
-        is_main=runtime.is_main, barrier=runtime.barrier, model=model, reference_variant=reference_variant)
-    if runtime.is_main:
-        print(f"preference: reference log-probs of the shared parts (ld_alpha) {info['status']} ({info['directory']})")
-    return np.stack([totals, totals - shared], axis=-1)
 
 
 def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, list[dict[str, torch.Tensor]]]:
@@ -169,7 +94,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
             if runtime.is_main:
                 print(f"preference: reference log-probs {ref_info['status']} ({ref_info['directory']})")
             if loss.ld_alpha is not None:
-                ref_values = _ld_reference(pairs.pairs, ref_values, stage, reference, tokenizer, runtime,
+                ref_values = ld_reference_logps(pairs.pairs, ref_values, stage, reference, tokenizer, runtime,
                                            model=ref_model, reference_variant=variant)
 
     if model is None:
@@ -190,9 +115,9 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
 
     pad = tokenizer.pad_token_id
     stream = PairStream([pairs.pairs[i] for i in train], pad, ref_values, seed=data_cfg.seed, index=train)
-    val_batches = _batches(pairs, val, pad, ref_values, t.micro_batch_size, t.eval_batches or None) \
+    val_batches = pair_batches(pairs, val, pad, ref_values, t.micro_batch_size, t.eval_batches or None) \
         if len(val) and t.eval_batches else []
-    train_probe = _batches(pairs, train, pad, ref_values, t.micro_batch_size, max(len(val_batches), 4))
+    train_probe = pair_batches(pairs, train, pad, ref_values, t.micro_batch_size, max(len(val_batches), 4))
     pair_loss = PairLoss(loss)
     inputs: dict[str, Any] = {
         "dataset": pairs.source, "dataset_sha256": pairs.fingerprint, "pairs_hash": data_hash,

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,23 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.format import verify_shards, write_json_atomic
+from ..data.resolve import resolve_dataset
 from ..model import get_preset
-from ..search.measure import DTYPES, MeasureError, measure_in_subprocess
+from ..search.measure import DTYPES, MeasureError, machine_description, measure_in_subprocess
 from ..search.quality import train_and_score
-from ..search.report import plot_front, write_csv, write_markdown
+from ..search.report import candidate_row, plot_front, write_csv, write_markdown
 from ..search.select import LATENCY_METRICS, MEMORY_METRICS, Budgets, budget_violation, rank_rows
 from ..search.space import Candidate, enumerate_candidates
-from .common import resolve_dataset
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs"
 
 
 def _check(stage: DictConfig, cfg: DictConfig) -> None:
@@ -58,12 +46,6 @@ def _check(stage: DictConfig, cfg: DictConfig) -> None:
             raise ValueError(f"stage.{key}={stage[key]} must be >= 1")
 
 
-def _row(c: Candidate, status: str, reason: str = "") -> dict[str, Any]:
-    return {"name": c.name, "layout": c.layout, "params": c.params, "hidden_size": c.hidden_size,
-            "num_layers": c.num_layers, "attention_layers": list(c.attention), "conv_L_cache": c.conv_L_cache,
-            "ff_ratio": c.ff_ratio, "status": status, "reason": reason, "rank": None, "val_loss": None}
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.stage
     _check(stage, cfg)
@@ -79,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  list(sp.placements), list(sp.conv_L_cache), list(sp.ff_ratios), stage.param_budget,
                                  head_dim=sp.head_dim, min_params=stage.min_params,
                                  max_candidates=stage.max_candidates, seed=cfg.seed)
-    rows = [_row(c, "over_param_budget", f"{c.params:,} params outside [{stage.min_params:,}, "
+    rows = [candidate_row(c, "over_param_budget", f"{c.params:,} params outside [{stage.min_params:,}, "
                                          f"{stage.param_budget:,}]") for c in space.over_budget]
     print(f"search: {len(space.candidates)} candidates within {stage.param_budget:,} params "
           f"({len(space.over_budget)} outside the budget, {space.not_sampled} not sampled)")
@@ -88,7 +70,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     survivors: list[tuple[Candidate, dict[str, Any]]] = []
     for i, cand in enumerate(space.candidates, 1):
-        row = _row(cand, "measured")
+        row = candidate_row(cand, "measured")
         rows.append(row)
         spec = {"config": {**base.to_dict(), **cand.overrides}, "contexts": list(stage.contexts),
                 "decode_tokens": stage.decode_tokens, "batch_size": stage.batch_size, "threads": stage.threads,
@@ -121,7 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     reference = list(stage.reference_point) if stage.reference_point is not None else None
     ranking = rank_rows(rows, reference, stage.reference_margin)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": _machine(),
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_description(),
             "torch": torch.__version__, "threads": stage.threads, "dtype": stage.dtype,
             "batch_size": stage.batch_size, "train_steps": stage.train_steps, "context": int(ctx),
             "latency_metric": stage.latency_metric, "memory_metric": stage.memory_metric,

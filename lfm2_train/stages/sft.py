@@ -12,126 +12,23 @@ or a seeded shuffle, repeated for `stage.epochs`; `data.pacing` applies as in pr
 
 from __future__ import annotations
 
-import hashlib
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..data.chat_dataset import ChatRows, EncodedRows, encode_rows, load_chat_rows, load_difficulty
-from ..data.format import ShardReader, check_compatible, load_manifest
+from ..data.chat_dataset import encode_rows, load_chat_rows
 from ..data.mixed_stream import MixedStream
-from ..data.pacing import PacingConfig
-from ..data.packed import DocumentStream, split_documents
-from ..data.sft_stream import SFTStream, count_rows, positions_needed
+from ..data.packed import split_documents
+from ..data.replay import replay_stream
+from ..data.sft_order import curriculum_order, example_sequence, row_difficulty
+from ..data.sft_stream import SFTStream
 from ..engine.distributed import Runtime, builds_on_meta
+from ..engine.model_setup import add_embedding_dropout, build_model, setup_lora
 from ..engine.trainer import Trainer, TrainJob
 from ..losses import lm_loss
-from ..model import LFM2ForCausalLM
-from ..tokenizer import LFM2Tokenizer, tiny_tokenizer_path
-from .common import build_model, model_tokenizer_dir, resolve_dataset, setup_lora
-from .pretrain import training_sequence
-
-CURRICULUM_SOURCES = ("none", "column", "file")
-
-
-def resolve_tokenizer(stage: DictConfig, init_from: str | None) -> LFM2Tokenizer:
-    """`stage.tokenizer`, else the tokenizer saved with `model.init_from`, else the bundled tiny one."""
-    if stage.tokenizer:
-        return LFM2Tokenizer.from_pretrained(stage.tokenizer)
-    if init_from and (Path(init_from) / "tokenizer.json").is_file():
-        return LFM2Tokenizer.from_pretrained(init_from)
-    return LFM2Tokenizer.from_pretrained(tiny_tokenizer_path())
-
-
-def row_difficulty(cfg: DictConfig, data: ChatRows) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Per-row difficulty (higher = harder) from the configured source, with what to record about it."""
-    cur = cfg.stage.curriculum
-    if cur.source not in CURRICULUM_SOURCES:
-        raise ValueError(f"stage.curriculum.source={cur.source!r}; choose one of {list(CURRICULUM_SOURCES)}")
-    if cur.source == "none":
-        return None, {"source": "none"}
-    if cur.source == "column":
-        try:
-            values = np.array(data.column(cur.column), dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"stage.curriculum.column={cur.column!r}: values are not numbers ({err})") from err
-        return values, {"source": "column", "column": cur.column}
-    if not cur.file:
-        raise ValueError("stage.curriculum.source=file needs stage.curriculum.file=<difficulty file>")
-    values, header = load_difficulty(cur.file, dataset_fingerprint=data.fingerprint, n_rows=len(data),
-                                     require_complete=False)  # only the usable rows need a value
-    return values, {"source": "file", "file": str(cur.file), "method": header["method"],
-                    "file_sha256": _sha256(Path(cur.file))}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarray | None:
-    """Example indices easy -> hard (None without a curriculum), via the pre-training curriculum's methods."""
-    if difficulty is None:
-        return None
-    from data_pipelines.curriculum import build_order
-
-    cur = cfg.stage.curriculum
-    if cur.method not in ("sort", "buckets"):
-        raise ValueError(f"stage.curriculum.method={cur.method!r}; choose sort or buckets")
-    return build_order(cur.method, difficulty, len(difficulty), n_buckets=cur.n_buckets, seed=cfg.data.seed)
-
-
-def example_sequence(encoded: EncodedRows, train: np.ndarray, order: np.ndarray | None, cfg: DictConfig,
-                     rows_per_step: float) -> tuple[np.ndarray, int]:
-    """(the examples the run reads, in order; the number of optimizer steps).
-
-    With `stage.epochs` the sequence is that many passes and the steps are the full steps it packs into;
-    otherwise `trainer.max_steps` decides and the passes repeat until the sequence is long enough.
-    `rows_per_step` counts chat rows only (fractional when pre-training rows are mixed in).
-    """
-    pacing = PacingConfig.from_dict(OmegaConf.to_container(cfg.data.pacing, resolve=True))
-    seq_len, seed = cfg.data.seq_len, cfg.data.seed
-    lengths = np.array([positions_needed(e) for e in encoded.examples])
-
-    def build(n_samples: int) -> tuple[np.ndarray, int]:
-        seq = training_sequence(train, order, pacing, n_samples, seed)
-        return seq, count_rows(lengths[seq], seq_len)
-
-    epochs = cfg.stage.epochs
-    if epochs is not None:
-        if epochs <= 0:
-            raise ValueError(f"stage.epochs={epochs} must be > 0 (or null to let trainer.max_steps decide)")
-        seq, rows = build(max(1, math.ceil(epochs * len(train))))
-        steps = int(rows // rows_per_step)
-        if steps < 1:
-            raise ValueError(f"stage.epochs={epochs} over {len(train)} training conversations packs into {rows} "
-                             f"rows, fewer than one step needs ({rows_per_step:g}); add data or epochs")
-        return seq, steps
-    steps = cfg.trainer.max_steps
-    need = math.ceil(steps * rows_per_step)
-    n_samples = math.ceil(1.25 * need * seq_len / max(float(lengths[train].mean()), 1.0)) + math.ceil(rows_per_step)
-    seq, rows = build(n_samples)
-    while rows < need:
-        n_samples *= 2
-        seq, rows = build(n_samples)
-    return seq, steps
-
-
-def add_embedding_dropout(model: LFM2ForCausalLM, p: float) -> torch.utils.hooks.RemovableHandle | None:
-    """Dropout on the token-embedding output, applied from outside: the model code stays dropout-free."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"stage.embedding_dropout={p} must be in [0, 1)")
-    if p == 0.0:
-        return None
-
-    def hook(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return F.dropout(output, p=p, training=module.training)  # (B, T, d)
-
-    return model.model.embed_tokens.register_forward_hook(hook)
+from ..tokenizer import resolve_tokenizer
 
 
 def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
@@ -191,27 +88,6 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
                             stage.mix_pretrain)
     return TrainJob(model=model, train=train, loss_fn=lm_loss, val_batches=val_batches, tokenizer=tokenizer,
                     inputs=inputs, lora=lora)
-
-
-def replay_stream(cfg: DictConfig, tokenizer: LFM2Tokenizer, total_rows: int, runtime: Runtime,
-                  inputs: dict[str, Any]) -> DocumentStream:
-    """Pre-training rows to mix in: the training split of `stage.mix_data` (its held-out documents stay
-    held out, so a held-out LM loss on that dataset measures what the mix preserved), seeded shuffle."""
-    stage, data_cfg = cfg.stage, cfg.data
-    mix_cfg = OmegaConf.create({"path": stage.mix_data, "tokenizer": None})
-    dataset_dir, _ = resolve_dataset(mix_cfg, runtime, tokenizer=model_tokenizer_dir(cfg.model.init_from))
-    manifest = load_manifest(dataset_dir)
-    check_compatible(manifest, tokenizer_fingerprint=tokenizer.fingerprint(), vocab_size=None,
-                     source=f"stage.mix_data={dataset_dir}")
-    reader = ShardReader(dataset_dir, manifest)
-    train_docs, _ = split_documents(len(reader), data_cfg.val_fraction, data_cfg.val_max_documents, data_cfg.seed)
-    rows = math.ceil(total_rows * stage.mix_pretrain) + 1
-    mean_len = float(reader.doc_lengths()[train_docs].mean())
-    n_docs = math.ceil(1.25 * rows * data_cfg.seq_len / mean_len) + 1
-    sequence = training_sequence(train_docs, None, PacingConfig(), n_docs, data_cfg.seed)
-    inputs["mix_pretrain"] = {"fraction": stage.mix_pretrain, "dataset": str(dataset_dir),
-                              "manifest_hash": manifest.hash()}
-    return DocumentStream(reader, sequence, data_cfg.seq_len)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

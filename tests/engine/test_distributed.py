@@ -205,7 +205,7 @@ _WORKER = textwrap.dedent('''
     from lfm2_train.config import register_configs
     from lfm2_train.engine.distributed import Runtime
     from lfm2_train.engine.trainer import Trainer
-    from lfm2_train.stages.pretrain import build_job
+    from lfm2_train.engine.job import build_job
 
     base, jobs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     register_configs()
@@ -255,7 +255,7 @@ def test_deepspeed_nan_skip_and_resume(tmp_path, tiny_dataset, single, deepspeed
 
     # The same NaN, one process.
     from lfm2_train.engine.distributed import Runtime
-    from lfm2_train.stages.pretrain import build_job
+    from lfm2_train.engine.job import build_job
 
     ref = tmp_path / "nan-single"
     cfg = _cfg(ref, _overrides(tiny_dataset, 2, 4))

@@ -12,10 +12,10 @@ from hydra import compose, initialize
 from lfm2_train.config import register_configs
 from lfm2_train.data.format import DataFormatError
 from lfm2_train.engine.distributed import Runtime
+from lfm2_train.engine.job import build_job
 from lfm2_train.engine.trainer import Trainer
 from lfm2_train.evaluation import arithmetic_accuracy, make_runner, validation_loss
 from lfm2_train.model import LFM2ForCausalLM, get_preset
-from lfm2_train.stages.pretrain import build_job
 from lfm2_train.tasks import make_problems
 
 

@@ -13,11 +13,12 @@ import torch
 from hydra import compose, initialize
 
 from lfm2_train.config import register_configs
+from lfm2_train.data import teacher_cache_writer
+from lfm2_train.data.document_windows import document_windows
 from lfm2_train.data.format import DataFormatError, Manifest, ShardReader, load_manifest
 from lfm2_train.data.teacher_cache import CACHE_MANIFEST, TeacherCache, decode_logprobs, write_cache_shard
 from lfm2_train.model import LFM2ForCausalLM, get_preset
 from lfm2_train.stages import cache_teacher, run_stage
-from lfm2_train.stages.cache_teacher import document_windows, pack_segments
 from lfm2_train.tokenizer import LFM2Tokenizer, tiny_tokenizer_path
 
 K = 32
@@ -106,10 +107,6 @@ def test_cache_equals_direct_forward_and_reads_back(tmp_path, data, teacher):
 
 
 def test_windows_of_a_long_document(tmp_path, make_dataset, make_texts, teacher):
-    assert document_windows(150, 64, 16) == [(0, 0, 64), (48, 64, 112), (96, 112, 150)]
-    assert document_windows(128, 64, 0) == [(0, 0, 64), (64, 64, 128)]
-    assert document_windows(10, 64, 16) == [(0, 0, 10)]
-    assert pack_segments([5, 3, 4, 2], 7, pack=True) == [[0, 3], [2, 1]]
     texts = [" ".join(make_texts(30, seed=1)), *make_texts(6, seed=2), " ".join(make_texts(12, seed=3))]
     data = make_dataset(tmp_path / "long", texts)
     reader = ShardReader(data)
@@ -155,7 +152,7 @@ def test_interrupted_and_crashed_runs_resume_byte_identical(tmp_path, data, teac
     assert stopped["status"] == "interrupted" and not (part / "teacher_cache" / CACHE_MANIFEST).exists()
     # Crash between appending a block's rows and recording them: the rows must be dropped on resume.
     calls = {"n": 0}
-    real = cache_teacher._write_progress
+    real = teacher_cache_writer._write_progress
 
     def crash_on_third(path, progress):
         calls["n"] += 1
@@ -163,10 +160,10 @@ def test_interrupted_and_crashed_runs_resume_byte_identical(tmp_path, data, teac
             raise RuntimeError("simulated crash")
         real(path, progress)
 
-    monkeypatch.setattr(cache_teacher, "_write_progress", crash_on_third)
+    monkeypatch.setattr(teacher_cache_writer, "_write_progress", crash_on_third)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stage(_cfg(part, data, teacher))
-    monkeypatch.setattr(cache_teacher, "_write_progress", real)
+    monkeypatch.setattr(teacher_cache_writer, "_write_progress", real)
     resumed = run_stage(_cfg(part, data, teacher))
     assert resumed["status"] == "finished"
     assert 0 < resumed["computed_tokens"] < full["computed_tokens"]  # finished shards and blocks were kept
@@ -196,6 +193,19 @@ def test_ranks_take_disjoint_shards_and_rank0_writes_the_manifest(tmp_path, data
     run_stage(_cfg(tmp_path / "two", data, teacher))
     assert seen == [1, 0]
     assert _files(tmp_path / "two" / "teacher_cache") == _files(tmp_path / "single" / "teacher_cache")
+
+
+def test_rank0_stops_waiting_for_a_rank_that_never_finishes(tmp_path, data, teacher, monkeypatch):
+    from lfm2_train.engine.barrier import BarrierTimeout
+    from lfm2_train.engine.distributed import Runtime
+
+    runtime = Runtime(rank=0, world_size=2)
+    runtime.barrier = lambda: None  # rank 1 never runs
+    monkeypatch.setattr(cache_teacher.Runtime, "from_env", lambda _cfg: runtime)
+    with pytest.raises(BarrierTimeout, match=r"rank 1 to write .*topk-00001\.done\.json.*timeout of 0\.5 s"):
+        run_stage(_cfg(tmp_path, data, teacher, "stage.wait_timeout_s=0.5"))
+    assert (tmp_path / "teacher_cache" / "topk-00000.ids").is_file()  # its own shards are kept for the rerun
+    assert not (tmp_path / "teacher_cache" / CACHE_MANIFEST).exists()
 
 
 def test_transformers_teacher(tmp_path, data):

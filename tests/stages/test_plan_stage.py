@@ -9,13 +9,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from lfm2_train.stages.plan import (
-    compose_training_config,
-    markdown_table,
-    plan_config,
-    shipped_recipes,
-    stated_gpus,
-)
+from lfm2_train.engine.plan_report import markdown_table
+from lfm2_train.stages.plan import compose_training_config, plan_config, shipped_recipes, stated_gpus
 
 SETTINGS = {"gpus": None, "gpu_memory_gb": 80.0, "reserved_gb": 5.0, "mfu": 0.4, "peak_tflops": 989.0}
 

@@ -15,10 +15,10 @@ from hydra.errors import ConfigCompositionException
 from lfm2_train.config import register_configs
 from lfm2_train.data.format import DataFormatError
 from lfm2_train.engine.distributed import Runtime
+from lfm2_train.engine.job import build_job
 from lfm2_train.engine.trainer import Trainer, TrainingDiverged
 from lfm2_train.model import LFM2ForCausalLM, get_preset
 from lfm2_train.stages import run_stage
-from lfm2_train.stages.pretrain import build_job
 from lfm2_train.tokenizer import train_bpe_tokenizer
 
 BASE = ["stage=pretrain", "logger=disabled", "trainer.progress_bar=false", "trainer.max_steps=6",
@@ -134,20 +134,6 @@ def test_bad_inputs_fail_before_any_step(tmp_path, tiny_dataset, make_dataset, m
     with pytest.raises(DataFormatError, match="holds no documents"):
         run_stage(_cfg(tmp_path / "x", empty))
     assert not (tmp_path / "x" / "checkpoints").exists()
-
-
-def test_curriculum_order_is_followed(tmp_path, make_dataset, make_texts):
-    from lfm2_train.data.format import ShardReader, load_manifest, save_order
-
-    data = make_dataset(tmp_path / "d", make_texts(120))
-    n = load_manifest(data).num_documents
-    order = np.arange(n)[::-1].copy()
-    save_order(data, "rev", order, {"method": "test"})
-    cfg = _cfg(tmp_path / "o", data, "data.order=rev", "data.val_fraction=0")
-    job = build_job(cfg, Runtime())
-    first = job.train.next_batch(1)["input_ids"][0]
-    reader = ShardReader(data)
-    assert first[: len(reader.document(n - 1))].tolist() == reader.document(n - 1).tolist()
 
 
 def test_midtrain_requires_and_continues_from_a_pretrain_output(tmp_path, tiny_dataset):

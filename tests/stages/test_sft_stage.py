@@ -13,9 +13,10 @@ from hydra import compose, initialize
 from lfm2_train.config import register_configs
 from lfm2_train.data.chat_dataset import bundled_rows, save_difficulty
 from lfm2_train.engine.distributed import Runtime
+from lfm2_train.engine.model_setup import add_embedding_dropout
 from lfm2_train.model import LFM2ForCausalLM
 from lfm2_train.stages import run_stage
-from lfm2_train.stages.sft import add_embedding_dropout, build_job
+from lfm2_train.stages.sft import build_job
 from lfm2_train.tasks import sft_conversations
 
 BASE = ["stage=sft", "logger=disabled", "trainer.progress_bar=false", "data.seq_len=64", "trainer.micro_batch_size=4",
@@ -159,8 +160,8 @@ def test_all_rows_unusable_is_an_error(tmp_path):
 @pytest.mark.slow
 def test_pretrain_free_sft_raises_arithmetic_accuracy(tmp_path):
     """Random init -> SFT on bundled one-digit addition -> greedy chat accuracy rises (numbers in docs/SFT.md)."""
+    from lfm2_train.engine.model_setup import build_model
     from lfm2_train.evaluation import arithmetic_accuracy
-    from lfm2_train.stages.common import build_model
     from lfm2_train.tokenizer import LFM2Tokenizer
 
     cfg = _cfg(tmp_path, "stage.bundled_rows=600", "stage.bundled_levels=[0]", "stage.epochs=3",

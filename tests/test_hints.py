@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from lfm2_train.hints import CHAIN_INPUTS, chain_command, needs
 from lfm2_train.stages import run_stage
-from lfm2_train.stages.hints import CHAIN_INPUTS, chain_command, needs
 
 
 def _fake_chain(root):

@@ -1,4 +1,5 @@
-"""What several stages share: building the model (and its LoRA adapters) from the `model` config group."""
+"""The model a stage trains or runs, from the `model` config group: the preset (or `model.init_from`), its
+LoRA adapters. In the engine because a sharded run builds it on the meta device (`engine/meta_init.py`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..model import LFM2Config, LFM2ForCausalLM, get_preset
@@ -14,6 +16,9 @@ from ..model.hf_io import read_config
 from ..model.lora import LoRAConfig, apply_lora, load_lora_state
 from ..model.peft_io import load_model, read_adapter_config, read_adapter_state
 from ..model.qlora import quantize_base
+
+# The dtype names of the stages that only run a model (generate, eval).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def model_config(model_cfg: DictConfig) -> LFM2Config:
@@ -36,7 +41,7 @@ def build_model(model_cfg: DictConfig, meta: bool = False) -> LFM2ForCausalLM:
         raise ValueError("model.overrides cannot change the architecture of model.init_from; remove them")
     is_adapter = bool(model_cfg.init_from) and (Path(model_cfg.init_from) / "adapter_config.json").is_file()
     if meta and not is_adapter:
-        from ..engine.meta_init import build_on_meta
+        from .meta_init import build_on_meta
 
         if not model_cfg.init_from:
             return build_on_meta(model_config(model_cfg))
@@ -50,6 +55,7 @@ def build_model(model_cfg: DictConfig, meta: bool = False) -> LFM2ForCausalLM:
 
 
 def lora_enabled(model_cfg: DictConfig) -> bool:
+    """Whether the run trains adapters (fresh ones, `model.lora.r > 0`, or a given `model.lora.adapter`)."""
     lora = model_cfg.get("lora")
     return lora is not None and (lora.r > 0 or bool(lora.adapter))
 
@@ -86,28 +92,14 @@ def setup_lora(model: LFM2ForCausalLM, model_cfg: DictConfig, device: Any, seed:
     return config
 
 
-def model_tokenizer_dir(init_from: str | None) -> Path | None:
-    """The directory holding `model.init_from`'s own tokenizer, if it has one."""
-    if init_from and (Path(init_from) / "tokenizer.json").is_file():
-        return Path(init_from)
-    return None
+def add_embedding_dropout(model: LFM2ForCausalLM, p: float) -> torch.utils.hooks.RemovableHandle | None:
+    """Dropout on the token-embedding output, applied from outside: the model code stays dropout-free."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"stage.embedding_dropout={p} must be in [0, 1)")
+    if p == 0.0:
+        return None
 
+    def hook(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, p=p, training=module.training)  # (B, T, d)
 
-def resolve_dataset(data_cfg: DictConfig, runtime: Any = None, tokenizer: Path | None = None) -> tuple[Path, Path]:
-    """(dataset dir, tokenizer dir) for a stage. `data.path=None` prepares the bundled corpus once
-    (cached under ~/.cache/lfm2_train, keyed by the job config) so the quick start needs no download —
-    tokenized with `tokenizer` (a model's own) when given, so that model can read it."""
-    if data_cfg.path is None:
-        from data_pipelines.bundled import prepare_bundled_dataset
-
-        return prepare_bundled_dataset(runtime, tokenizer)
-    path = Path(data_cfg.path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"data.path={path} does not exist")
-    if data_cfg.tokenizer:
-        tok = Path(data_cfg.tokenizer)
-    elif (path / "tokenizer" / "tokenizer.json").is_file():
-        tok = path / "tokenizer"
-    else:
-        raise FileNotFoundError(f"data.path={path} has no tokenizer/ directory; set data.tokenizer=<dir>")
-    return path, tok
+    return model.model.embed_tokens.register_forward_hook(hook)
