@@ -27,37 +27,3 @@ def document_windows(length: int, max_length: int, overlap: int) -> list[tuple[i
         out.append((start, emit, end))
         emit = end
     return out
-
-
-def pack_segments(lengths: list[int], capacity: int, pack: bool) -> list[list[int]]:
-    """Rows of segment indices: first-fit decreasing into rows of `capacity` tokens (one per row unless `pack`).
-
-    Deterministic in its input, which is what makes a resumed block compute exactly the same batches.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    if not pack:
-        return [[i] for i in order]
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(capacity - lengths[i])
-    return rows
-
-
-def group_rows(row_lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Batches of row indices such that (rows x longest row) <= max_tokens (at least one row each)."""
-    order = sorted(range(len(row_lengths)), key=lambda r: (-row_lengths[r], r))
-    batches: list[list[int]] = []
-    for r in order:
-        if batches and (len(batches[-1]) + 1) * row_lengths[batches[-1][0]] <= max_tokens:
-            batches[-1].append(r)
-        else:
-            batches.append([r])
-    return batches

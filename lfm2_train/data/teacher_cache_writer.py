@@ -27,8 +27,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .document_windows import document_windows, group_rows, pack_segments
+from ..artifacts import describe_differences
+from .document_windows import document_windows
 from .format import DataFormatError, Manifest, ShardInfo, ShardReader, sha256_file, write_json_atomic
+from .packing import batches_longest_first, decreasing_order, first_fit_decreasing
 from .teacher_cache import CACHE_MANIFEST, CacheManifest, CacheShard, TeacherCache, cache_shard_name, encode_logprobs
 
 JOB_VERSION = 1  # bump when a change to the writer or the teacher pass changes the bytes written
@@ -44,11 +46,6 @@ class TopKTeacher(Protocol):
              ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def job_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """`key: old != new` for every job setting that differs (what the refusal to overwrite names)."""
-    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
-
-
 def compute_block(teacher: TopKTeacher, docs: list[np.ndarray], *, k: int, ids_dtype: str, logprob_dtype: str,
                   max_length: int, overlap: int, max_tokens: int, autocast: Callable[[], AbstractContextManager]
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +59,13 @@ def compute_block(teacher: TopKTeacher, docs: list[np.ndarray], *, k: int, ids_d
     for j, doc in enumerate(docs):
         segments += [(j, *w) for w in document_windows(len(doc), max_length, overlap)]
     seg_len = [end - start for _, start, _, end in segments]
-    rows = pack_segments(seg_len, max_length, teacher.packs_documents)
+    # Deterministic in the segment lengths, which is what makes a resumed block compute the same batches.
+    if teacher.packs_documents:
+        rows = first_fit_decreasing(seg_len, max_length)
+    else:
+        rows = [[i] for i in decreasing_order(seg_len)]
     row_len = [sum(seg_len[i] for i in row) for row in rows]
-    for batch in group_rows(row_len, max_tokens):
+    for batch in batches_longest_first(row_len, max_tokens):
         T = max(row_len[r] for r in batch)
         input_ids = torch.zeros((len(batch), T), dtype=torch.long)
         doc_ids = torch.full((len(batch), T), -1, dtype=torch.long)
@@ -132,13 +133,13 @@ def cache_is_current(out: Path, job: dict[str, Any], manifest: Manifest, *, veri
             return True
         if not overwrite:
             raise DataFormatError(f"{out} holds a complete teacher cache made from another teacher/dataset/K "
-                                  f"({'; '.join(job_differences(old_job, job))}); set stage.overwrite=true to "
+                                  f"({describe_differences(old_job, job)}); set stage.overwrite=true to "
                                   "replace it")
     elif (work / "job.json").is_file():
         old_job = json.loads((work / "job.json").read_text())
         if old_job != job and not overwrite:
             raise DataFormatError(f"{out} holds an unfinished cache of another job "
-                                  f"({'; '.join(job_differences(old_job, job))}); set stage.overwrite=true to "
+                                  f"({describe_differences(old_job, job)}); set stage.overwrite=true to "
                                   "discard it")
     return False
 

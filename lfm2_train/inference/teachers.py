@@ -9,7 +9,6 @@ window per row, right-padded. Both end in `topk_head`, which computes the fp32 l
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.format import DataFormatError, Manifest, sha256_file
+from ..data.format import DataFormatError, Manifest
 from ..losses.head import default_chunk_size
 from ..model import LFM2ForCausalLM
 from ..model.hf_io import read_config
@@ -202,13 +201,3 @@ def check_teacher_vocab(teacher: Path, vocab: int, manifest: Manifest, tokenizer
                               f"(and so the student) {manifest.vocab_size}: a cache needs them equal")
     if vocab < tokenizer.vocab_size:
         raise DataFormatError(f"teacher {teacher} has vocab_size {vocab} < the tokenizer's {tokenizer.vocab_size}")
-
-
-def teacher_weights_sha256(path: Path) -> str:
-    """sha256 over config.json and every weight file: the teacher's identity, robust to moving the directory."""
-    h = hashlib.sha256()
-    files = sorted({p for pattern in ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin")
-                    for p in path.glob(pattern)})
-    for file in files:
-        h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
-    return h.hexdigest()

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..artifacts import checkpoint_sha256
 from ..data.format import DataFormatError, ShardReader, check_compatible, load_manifest, verify_shards
 from ..data.resolve import resolve_dataset
 from ..data.teacher_cache import LOGPROB_DTYPES
@@ -46,7 +47,6 @@ from ..inference.teachers import (
     compute_autocast,
     teacher_format,
     teacher_geometry,
-    teacher_weights_sha256,
 )
 from ..tokenizer import LFM2Tokenizer
 
@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"stage.k={k} exceeds the teacher's vocabulary ({vocab})")
     ids_dtype = "uint16" if vocab <= 2**16 else "uint32"
     teacher_id = {"format": fmt, "model_type": model_type,
-                  **({"weights_sha256": teacher_weights_sha256(teacher_dir)} if stage.hash_teacher_weights
+                  **({"weights_sha256": checkpoint_sha256(teacher_dir)} if stage.hash_teacher_weights
                      else {"path": str(teacher_dir)})}
     job = {"version": JOB_VERSION, "dataset_manifest_hash": manifest.hash(),
            "tokenizer_fingerprint": tokenizer.fingerprint(), "k": k, "vocab_size": vocab, "ids_dtype": ids_dtype,

@@ -260,7 +260,7 @@ def test_refusals_before_any_work(tmp_path, data, teacher, make_dataset, make_te
         TeacherCache(cache_dir, load_manifest(data), k=16)
     # Rewriting a complete cache with another K or teacher needs stage.overwrite=true.
     before = _files(cache_dir)
-    with pytest.raises(DataFormatError, match="another teacher/dataset/K.*k: 32 != 16.*overwrite=true"):
+    with pytest.raises(DataFormatError, match="another teacher/dataset/K.*k: cached 32, now 16.*overwrite=true"):
         run_stage(_cfg(out, data, teacher, "stage.k=16"))
     other = _save_teacher(tmp_path / "other", seed=1)
     with pytest.raises(DataFormatError, match="weights_sha256.*overwrite=true"):
