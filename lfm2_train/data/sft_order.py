@@ -4,14 +4,13 @@ over `stage.epochs` (or `trainer.max_steps`), with the optimizer steps it packs 
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ..artifacts import sha256_file
 from .chat_dataset import ChatRows, EncodedRows, load_difficulty
 from .pacing import PacingConfig
 from .sft_stream import count_rows, positions_needed
@@ -38,11 +37,7 @@ def row_difficulty(cfg: DictConfig, data: ChatRows) -> tuple[np.ndarray | None, 
     values, header = load_difficulty(cur.file, dataset_fingerprint=data.fingerprint, n_rows=len(data),
                                      require_complete=False)  # only the usable rows need a value
     return values, {"source": "file", "file": str(cur.file), "method": header["method"],
-                    "file_sha256": _sha256(Path(cur.file))}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+                    "file_sha256": sha256_file(cur.file)}
 
 
 def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarray | None:

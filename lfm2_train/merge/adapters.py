@@ -13,7 +13,6 @@ directory (preference-LoRA on an SFT-LoRA model) folds the whole stack.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..data.format import sha256_file
+from ..artifacts import adapter_sha256
 from ..model.config import LFM2Config
 from ..model.hf_io import read_config, read_state_dict, write_checkpoint
 from ..model.lora import LoRAError, lora_delta
@@ -75,14 +74,6 @@ def _folded_state(path: Path) -> tuple[dict[str, torch.Tensor], LFM2Config, Path
     state, config, root, stored = _folded_state(adapter_base(path))
     state, config = apply_adapter_to_state(state, config, path)
     return state, config, root, stored
-
-
-def adapter_sha256(adapter_dir: str | Path) -> str:
-    h = hashlib.sha256()
-    adapter_dir = Path(adapter_dir)
-    for file in sorted([adapter_dir / ADAPTER_CONFIG, *adapter_dir.glob("adapter_model.*")]):
-        h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
-    return h.hexdigest()
 
 
 def merge_adapter_into(base_dir: str | Path | None, adapter_dir: str | Path, out_dir: str | Path, *,
