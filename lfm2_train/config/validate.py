@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from .paths import recipe_names, recipe_path
 from .schema import (
     DataConfig,
     DistributedConfig,
@@ -196,10 +197,7 @@ def check_values(cfg: DictConfig, rules: list[Rule] = RULES) -> None:
 
 
 def recipe_file(choice: str | None) -> Path | None:
-    if not choice:
-        return None
-    path = Path(__file__).resolve().parents[1] / "conf" / "recipe" / f"{choice}.yaml"
-    return path if path.is_file() else None
+    return recipe_path(choice) if choice else None
 
 
 def required_keys(recipe: Path) -> list[str]:
@@ -238,9 +236,8 @@ def validate(cfg: DictConfig, recipe_choice: str | None = None) -> None:
 
 
 def available_recipes() -> list[str]:
-    """Every `recipe=` choice, per-size ones included (`lfm2-350m/pretrain`)."""
-    root = Path(__file__).resolve().parents[1] / "conf" / "recipe"
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    """Every `recipe=` choice, per-size ones included (`lfm2-350m/pretrain`); chains are not recipes."""
+    return recipe_names()
 
 
 def check_recipe_argument(argv: list[str]) -> None:

@@ -20,13 +20,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.paths import initialize_conf, recipe_names, recipe_path
 from ..engine.flops import FlopsPerToken, flops_per_token
 from ..engine.planner import STAGE_KINDS, StepMemory, measure_step
 from ..model import LFM2Config, LFM2ForCausalLM
 from ..model.hf_io import read_config
 from .common import model_config
 
-RECIPES = Path(__file__).resolve().parent.parent / "conf" / "recipe"
 GIB = 2**30
 _STATED = re.compile(r"micro_batch_size x GPUs x grad_accum = \d+ x (\d+) x \d+")
 NOTES = ("MoE routing balanced; torch.compile not applied; CPU autocast for CUDA autocast; attention FLOPs for "
@@ -104,18 +104,18 @@ def stated_gpus(recipe: str | None) -> int:
     """The GPU count a recipe's header states ("micro_batch_size x GPUs x grad_accum = 8 x 64 x 2"); 1 if none."""
     if not recipe:
         return 1
-    path = RECIPES / f"{recipe}.yaml"
-    match = _STATED.search(path.read_text()) if path.is_file() else None
+    path = recipe_path(recipe)
+    match = _STATED.search(path.read_text()) if path is not None else None
     return int(match.group(1)) if match else 1
 
 
 def shipped_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+    return recipe_names()
 
 
 def compose_training_config(overrides: list[str]) -> DictConfig:
     """The config `python -m lfm2_train <overrides>` would run, composed inside or outside a Hydra app."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     from ..config import register_configs
@@ -123,7 +123,7 @@ def compose_training_config(overrides: list[str]) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="lfm2_train", overrides=overrides)
     register_configs()
-    with initialize_config_module("lfm2_train.conf", version_base="1.3"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=overrides)
 
 

@@ -4,9 +4,10 @@ names — each refused naming the key before any data work."""
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose
 
 from lfm2_train.config import register_configs
+from lfm2_train.config.paths import initialize_conf
 from lfm2_train.config.validate import (
     ConfigError,
     available_recipes,
@@ -19,7 +20,7 @@ from lfm2_train.config.validate import (
 
 def _cfg(*overrides: str):
     register_configs()
-    with initialize_config_module(config_module="lfm2_train.conf", version_base="1.3"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=["output_dir=/tmp/unused", *overrides])
 
 

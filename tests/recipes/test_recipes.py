@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
+from hydra import compose
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lfm2_train.config import register_configs
+from lfm2_train.config.paths import RECIPE_DIR, initialize_conf, recipe_names
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE_DIR = REPO / "lfm2_train" / "conf" / "recipe"
-RECIPES = sorted(p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml"))
+RECIPES = recipe_names()
 SIZES = ("lfm2-350m", "lfm2-700m", "lfm2-1.2b", "lfm2-2.6b", "lfm2-8b-a1b")
 STAGES = ("pretrain", "midtrain", "cache_teacher", "distill", "sft", "preference", "merge", "eval")
 # Values a user must give (`???` in the YAML); anything else missing is a recipe bug.
@@ -31,7 +31,7 @@ USER_INPUTS = {"data.path", "model.init_from", "stage.teacher", "stage.output", 
 def _compose(*overrides: str):
     """Composed once per override list (a composition costs ~0.5 s; several tests read the same recipe)."""
     register_configs()
-    with initialize_config_module(version_base="1.3", config_module="lfm2_train.conf"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=["output_dir=/tmp/unused", *overrides])
 
 
