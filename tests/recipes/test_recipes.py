@@ -72,6 +72,26 @@ def test_recipe_composes_against_the_schema(name):
     assert missing <= USER_INPUTS, f"recipe={name}: unexpected required keys {sorted(missing - USER_INPUTS)}"
 
 
+def test_every_yaml_in_recipes_is_a_recipe_or_a_chain(monkeypatch):
+    """Chains share recipes/ with the recipes; the recipe list (typo hints, the reference, stage=plan) leaves
+    them out, and `recipe=<a chain>` is refused as an unknown recipe."""
+    from lfm2_train.chain.spec import load_chain
+    from lfm2_train.config.validate import ConfigError, check_recipe_argument
+
+    for var in ("LFM2_CHECKPOINT", "LFM2_SFT_DATA", "LFM2_PAIRS", "LFM2_VAL_SHARDS"):
+        monkeypatch.setenv(var, f"/inputs/{var.lower()}")
+    chains = []
+    for path in sorted(RECIPE_DIR.rglob("*.yaml")):
+        name = path.relative_to(RECIPE_DIR).with_suffix("").as_posix()
+        if name not in RECIPES:
+            assert load_chain(str(path)).steps, name  # neither a recipe nor a valid chain: raises
+            chains.append(name)
+    assert {"chains/tiny", "finetune_lfm2/finetune_lfm2", "finetune_lfm2/finetune_lfm2_lora"} <= set(chains)
+    assert load_chain("tiny").steps
+    with pytest.raises(ConfigError, match=r"unknown recipe='chains/tiny'"):
+        check_recipe_argument(["recipe=chains/tiny"])
+
+
 def test_command_line_overrides_win_over_a_recipe():
     _require_stage("sft")
     cfg = _compose("recipe=lfm2-1.2b/sft", "optim.lr=1e-5", "model.init_from=/ckpt", "distributed=zero3")
