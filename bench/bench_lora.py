@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# The tiny chain's SFT step (lfm2_train/conf/chains/tiny.yaml), minus the init_from it gets from the chain.
+# The tiny chain's SFT step (recipes/chains/tiny.yaml), minus the init_from it gets from the chain.
 CHAIN_SFT = ["stage=sft", "stage.bundled_rows=3000", "stage.bundled_levels=[0,1,2,3]", "stage.epochs=4",
              "data.seq_len=128", "trainer.micro_batch_size=16", "optim.lr=5e-3", "optim.min_lr=5e-4",
              "optim.warmup_steps=10", "trainer.log_every=10", "trainer.checkpoint_every=0", "trainer.eval_batches=4",

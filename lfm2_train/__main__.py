@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register_configs
+from .config.paths import CONF_DIR
 from .config.validate import ConfigError, check_recipe_argument
 from .errors import pop_verbose_flag, report
 from .exit_codes import EXIT_INTERRUPTED
@@ -27,7 +28,7 @@ def _recipe_choice() -> str | None:
     return HydraConfig.get().runtime.choices.get("recipe") if HydraConfig.initialized() else None
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="lfm2_train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="lfm2_train")  # conf/ or lfm2_train/conf/
 def main(cfg: DictConfig) -> None:
     try:
         result = run_stage(cfg, recipe=_recipe_choice())

@@ -26,6 +26,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..config.paths import chain_path
+
 DATA_JOBS = ("train_tokenizer", "tokenize", "scoring", "curriculum", "preference_pairs", "sft_difficulty")
 BUILTIN_JOBS = ("export",)
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -77,15 +79,11 @@ _STEP_KEYS = {"name", "stage", "job", "overrides", "args", "evaluate"}
 _TOP_KEYS = {"description", "common", "steps", "eval_levels", "eval_lm_data"}
 
 
-def builtin_chain_path(name: str) -> Path:
-    return Path(__file__).resolve().parent.parent / "conf" / "chains" / f"{name}.yaml"
-
-
 def load_chain(chain: str) -> ChainSpec:
     """A chain by packaged name (`tiny`) or by YAML path; every step is checked before anything runs."""
     path = Path(chain)
     if not path.suffix:
-        path = builtin_chain_path(chain)
+        path = chain_path(chain)
     if not path.is_file():
         raise ChainSpecError(f"stage.chain={chain!r}: no such chain file ({path})")
     where = str(path)

@@ -29,10 +29,11 @@ import yaml
 from hydra.core.config_store import ConfigNode, ConfigStore
 from omegaconf import OmegaConf
 
+from .paths import RECIPE_DIR, packaged_chains, recipe_files
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "CONFIG_REFERENCE.md"
 REGENERATE = "python -m lfm2_train.config.reference"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_DEFAULT_CHARS = 60
 
 
@@ -299,17 +300,16 @@ def _yaml_header_description(path: Path) -> str:
 
 
 def _recipe_section() -> list[str]:
-    recipe_dir = CONF_DIR / "recipe"
-    files = sorted(recipe_dir.rglob("*.yaml"), key=lambda p: p.relative_to(recipe_dir).as_posix())
+    files = recipe_files()
     if not files:
         return []
     out = ["### `recipe`", "",
-           "YAML files in `lfm2_train/conf/recipe/` (`# @package _global_`) that set values across groups. "
+           "YAML files in `recipes/` (`# @package _global_`) that set values across groups. "
            "Apply one with `recipe=<name>`; later command-line overrides still win. `???` values are required "
            "(see `recipes/README.md`).", "",
            "| recipe | stage | model | description |", "|---|---|---|---|"]
     for path in files:
-        name = path.relative_to(recipe_dir).with_suffix("").as_posix()
+        name = path.relative_to(RECIPE_DIR).with_suffix("").as_posix()
         data = yaml.safe_load(path.read_text()) or {}
         picks: dict[str, str] = {}
         for entry in data.get("defaults", []) or []:
@@ -322,8 +322,7 @@ def _recipe_section() -> list[str]:
 
 
 def _chain_section() -> list[str]:
-    chain_dir = CONF_DIR / "chains"
-    files = sorted(chain_dir.glob("*.yaml")) if chain_dir.is_dir() else []
+    files = packaged_chains()
     if not files:
         return []
     out = ["### Packaged chains (`stage.chain=<name>`)", "", "| chain | steps | description |", "|---|---|---|"]

@@ -1,7 +1,7 @@
 """Config schemas: one dataclass per group, registered in Hydra's ConfigStore.
 
 Groups: `stage`, `model`, `data`, `optim`, `trainer`, `distributed`, `logger`, plus `recipe` (YAML files in
-`lfm2_train/conf/recipe/` that set values across groups). Every node is typed, so a misspelled key in a
+`recipes/` that set values across groups). Every node is typed, so a misspelled key in a
 YAML file or on the command line fails with Hydra's "Key 'x' not in 'YConfig'" naming it.
 """
 
@@ -400,7 +400,7 @@ class ChainStageConfig:
     """`stage=chain` (the default): the whole pipeline from one chain file (docs/CHAIN.md)."""
 
     name: str = "chain"
-    chain: str = "tiny"  # a packaged chain (lfm2_train/conf/chains/<name>.yaml) or a path to a chain YAML
+    chain: str = "tiny"  # a packaged chain (recipes/chains/<name>.yaml) or a path to a chain YAML
     workdir: str | None = None  # None = outputs/chain-<chain name>; fixed so re-running skips / resumes
     until: str | None = None  # stop after this step (the steps before it still skip / resume)
     eval_problems: int = 128  # chat-arithmetic problems scored after each `evaluate: true` step

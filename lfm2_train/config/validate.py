@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
+from .paths import recipe_names, recipe_path
 from .schema import (
     DataConfig,
     DistributedConfig,
@@ -196,10 +198,7 @@ def check_values(cfg: DictConfig, rules: list[Rule] = RULES) -> None:
 
 
 def recipe_file(choice: str | None) -> Path | None:
-    if not choice:
-        return None
-    path = Path(__file__).resolve().parents[1] / "conf" / "recipe" / f"{choice}.yaml"
-    return path if path.is_file() else None
+    return recipe_path(choice) if choice else None
 
 
 def required_keys(recipe: Path) -> list[str]:
@@ -237,10 +236,27 @@ def validate(cfg: DictConfig, recipe_choice: str | None = None) -> None:
     check_values(cfg)
 
 
+_FILE_SEARCH_PATH = re.compile(r"file://([^,\]\s'\"]+)")
+
+
 def available_recipes() -> list[str]:
-    """Every `recipe=` choice, per-size ones included (`lfm2-350m/pretrain`)."""
-    root = Path(__file__).resolve().parents[1] / "conf" / "recipe"
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    """Every `recipe=` choice, per-size ones included (`lfm2-350m/pretrain`); chains are not recipes."""
+    return recipe_names()
+
+
+def user_recipes(argv: list[str]) -> list[str]:
+    """Recipes in the config directories a command adds (`--config-dir D`, `-cd D`,
+    `hydra.searchpath=[file://D]`): every YAML file in `D/recipe/` is a choice, as Hydra sees it."""
+    dirs: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif arg.startswith("--config-dir="):
+            dirs.append(arg.partition("=")[2])
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            dirs += _FILE_SEARCH_PATH.findall(arg)
+    roots = [Path(d) / "recipe" for d in dirs]
+    return [p.relative_to(r).with_suffix("").as_posix() for r in roots if r.is_dir() for p in r.rglob("*.yaml")]
 
 
 def check_recipe_argument(argv: list[str]) -> None:
@@ -249,7 +265,7 @@ def check_recipe_argument(argv: list[str]) -> None:
         key, _, value = arg.lstrip("+").partition("=")
         if key != "recipe" or not value or value == "null":
             continue
-        known = available_recipes()
+        known = sorted({*available_recipes(), *user_recipes(argv)})
         if value not in known:
             match = difflib.get_close_matches(value, known, n=1)
             hint = f"did you mean {match[0]!r}? " if match else ""

@@ -18,16 +18,17 @@ from ..chain import ChainInterrupted, ChainRunner, load_chain
 from ..chain.report import format_table, write_report
 from ..chain.runner import model_dir_of, step_dirs
 from ..chain.spec import substitute
+from ..config.paths import initialize_conf
 
 
 def compose_stage(overrides: list[str]) -> DictConfig:
     """The full config of one step, composed like the command line would (typos are named)."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="lfm2_train", overrides=overrides)
-    with initialize_config_module(config_module="lfm2_train.conf", version_base="1.3"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=overrides)
 
 

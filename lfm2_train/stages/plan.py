@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..config.paths import initialize_conf, recipe_names, recipe_path
 from ..engine.flops import flops_per_token
 from ..engine.model_setup import model_config
 from ..engine.plan_report import GIB, Plan, markdown_table
@@ -26,7 +27,6 @@ from ..engine.planner import STAGE_KINDS, measure_step
 from ..model import LFM2Config, LFM2ForCausalLM
 from ..model.hf_io import read_config
 
-RECIPES = Path(__file__).resolve().parent.parent / "conf" / "recipe"
 _STATED = re.compile(r"micro_batch_size x GPUs x grad_accum = \d+ x (\d+) x \d+")
 
 
@@ -34,18 +34,18 @@ def stated_gpus(recipe: str | None) -> int:
     """The GPU count a recipe's header states ("micro_batch_size x GPUs x grad_accum = 8 x 64 x 2"); 1 if none."""
     if not recipe:
         return 1
-    path = RECIPES / f"{recipe}.yaml"
-    match = _STATED.search(path.read_text()) if path.is_file() else None
+    path = recipe_path(recipe)
+    match = _STATED.search(path.read_text()) if path is not None else None
     return int(match.group(1)) if match else 1
 
 
 def shipped_recipes() -> list[str]:
-    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+    return recipe_names()
 
 
 def compose_training_config(overrides: list[str]) -> DictConfig:
     """The config `python -m lfm2_train <overrides>` would run, composed inside or outside a Hydra app."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
     from ..config import register_configs
@@ -53,7 +53,7 @@ def compose_training_config(overrides: list[str]) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="lfm2_train", overrides=overrides)
     register_configs()
-    with initialize_config_module("lfm2_train.conf", version_base="1.3"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=overrides)
 
 

@@ -4,9 +4,10 @@ names — each refused naming the key before any data work."""
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose
 
 from lfm2_train.config import register_configs
+from lfm2_train.config.paths import initialize_conf
 from lfm2_train.config.validate import (
     ConfigError,
     available_recipes,
@@ -19,7 +20,7 @@ from lfm2_train.config.validate import (
 
 def _cfg(*overrides: str):
     register_configs()
-    with initialize_config_module(config_module="lfm2_train.conf", version_base="1.3"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=["output_dir=/tmp/unused", *overrides])
 
 
@@ -86,3 +87,16 @@ def test_a_recipe_typo_lists_the_per_size_recipes():
                                           r"'lfm2-350m/pretrain'\? recipes: .*lfm2-8b-a1b/distill"):
         check_recipe_argument(["stage=pretrain", "recipe=lfm2-350m/pretrian"])
     check_recipe_argument(["recipe=lfm2-350m/pretrain", "recipe=null"])
+
+
+def test_a_recipe_in_a_users_config_dir_is_known(tmp_path):
+    """recipes/README.md: copy a recipe to `myconf/recipe/` and run it with `--config-dir myconf`."""
+    (tmp_path / "recipe" / "team").mkdir(parents=True)
+    (tmp_path / "recipe" / "team" / "my_sft.yaml").write_text("# @package _global_\noptim:\n  lr: 1.0e-05\n")
+    for extra in (["--config-dir", str(tmp_path)], ["-cd", str(tmp_path)], [f"--config-dir={tmp_path}"],
+                  [f"hydra.searchpath=[file://{tmp_path}]"]):
+        check_recipe_argument([*extra, "recipe=team/my_sft"])
+    with pytest.raises(ConfigError, match=r"unknown recipe='team/my_sft'"):
+        check_recipe_argument(["recipe=team/my_sft"])
+    with pytest.raises(ConfigError, match=r"did you mean 'team/my_sft'\?"):
+        check_recipe_argument(["--config-dir", str(tmp_path), "recipe=team/my_stf"])

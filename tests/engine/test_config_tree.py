@@ -8,17 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose
 from hydra.errors import ConfigCompositionException
 
 from lfm2_train.config import register_configs
+from lfm2_train.config.paths import initialize_conf
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _compose(*overrides: str):
     register_configs()
-    with initialize_config_module(version_base="1.3", config_module="lfm2_train.conf"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=["output_dir=/tmp/x", *overrides])
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_module
+from hydra import compose
 from omegaconf import OmegaConf
 
 from lfm2_train.chain.spec import load_chain, substitute
 from lfm2_train.config import register_configs
+from lfm2_train.config.paths import initialize_conf
 from lfm2_train.model import LFM2ForCausalLM, get_preset
 from lfm2_train.model.peft_io import is_adapter_dir, read_adapter_config
 from lfm2_train.stages import run_stage
@@ -27,7 +28,7 @@ ENV = ("LFM2_CHECKPOINT", "LFM2_SFT_DATA", "LFM2_PAIRS")
 
 def _compose(*overrides: str):
     register_configs()
-    with initialize_config_module(version_base="1.3", config_module="lfm2_train.conf"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=["output_dir=/tmp/unused", *overrides])
 
 
@@ -75,7 +76,7 @@ def test_lora_chain_runs_on_a_tiny_checkpoint(monkeypatch, tmp_path):
     chain = tmp_path / "chain.yaml"
     chain.write_text(yaml.safe_dump(raw))
     register_configs()
-    with initialize_config_module(version_base="1.3", config_module="lfm2_train.conf"):
+    with initialize_conf():
         cfg = compose(config_name="lfm2_train", overrides=[
             "stage=chain", f"stage.chain={chain}", f"stage.workdir={tmp_path / 'work'}", "logger=disabled",
             f"output_dir={tmp_path / 'out'}"])

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
+from hydra import compose
 from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from lfm2_train.config import register_configs
+from lfm2_train.config.paths import RECIPE_DIR, initialize_conf, recipe_names
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE_DIR = REPO / "lfm2_train" / "conf" / "recipe"
-RECIPES = sorted(p.relative_to(RECIPE_DIR).with_suffix("").as_posix() for p in RECIPE_DIR.rglob("*.yaml"))
+RECIPES = recipe_names()
 SIZES = ("lfm2-350m", "lfm2-700m", "lfm2-1.2b", "lfm2-2.6b", "lfm2-8b-a1b")
 STAGES = ("pretrain", "midtrain", "cache_teacher", "distill", "sft", "preference", "merge", "eval")
 # Values a user must give (`???` in the YAML); anything else missing is a recipe bug.
@@ -31,7 +31,7 @@ USER_INPUTS = {"data.path", "model.init_from", "stage.teacher", "stage.output", 
 def _compose(*overrides: str):
     """Composed once per override list (a composition costs ~0.5 s; several tests read the same recipe)."""
     register_configs()
-    with initialize_config_module(version_base="1.3", config_module="lfm2_train.conf"):
+    with initialize_conf():
         return compose(config_name="lfm2_train", overrides=["output_dir=/tmp/unused", *overrides])
 
 
@@ -70,6 +70,26 @@ def test_recipe_composes_against_the_schema(name):
         assert cfg.model.preset == size
     missing = set(OmegaConf.missing_keys(cfg))
     assert missing <= USER_INPUTS, f"recipe={name}: unexpected required keys {sorted(missing - USER_INPUTS)}"
+
+
+def test_every_yaml_in_recipes_is_a_recipe_or_a_chain(monkeypatch):
+    """Chains share recipes/ with the recipes; the recipe list (typo hints, the reference, stage=plan) leaves
+    them out, and `recipe=<a chain>` is refused as an unknown recipe."""
+    from lfm2_train.chain.spec import load_chain
+    from lfm2_train.config.validate import ConfigError, check_recipe_argument
+
+    for var in ("LFM2_CHECKPOINT", "LFM2_SFT_DATA", "LFM2_PAIRS", "LFM2_VAL_SHARDS"):
+        monkeypatch.setenv(var, f"/inputs/{var.lower()}")
+    chains = []
+    for path in sorted(RECIPE_DIR.rglob("*.yaml")):
+        name = path.relative_to(RECIPE_DIR).with_suffix("").as_posix()
+        if name not in RECIPES:
+            assert load_chain(str(path)).steps, name  # neither a recipe nor a valid chain: raises
+            chains.append(name)
+    assert {"chains/tiny", "finetune_lfm2/finetune_lfm2", "finetune_lfm2/finetune_lfm2_lora"} <= set(chains)
+    assert load_chain("tiny").steps
+    with pytest.raises(ConfigError, match=r"unknown recipe='chains/tiny'"):
+        check_recipe_argument(["recipe=chains/tiny"])
 
 
 def test_command_line_overrides_win_over_a_recipe():
