@@ -33,7 +33,8 @@ from ..data.format import write_json_atomic
 from ..data.prefetch import RankBatches
 from ..exit_codes import EXIT_INTERRUPTED
 from ..model import LFM2ForCausalLM
-from ..model.hf_io import read_state_dict, write_checkpoint
+from ..model.hf_io import write_checkpoint
+from ..model.lfm2 import read_state_dict
 from ..model.lora import LoRAConfig
 from ..model.peft_io import read_adapter_state, save_adapter
 from .callbacks import Callback, ExpertBiasUpdate
