@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..losses.labels import IGNORE_INDEX
 from .format import ShardReader
-
-IGNORE_INDEX = -100
 
 
 @dataclass
