@@ -77,7 +77,7 @@ def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarr
     """Example indices easy -> hard (None without a curriculum), via the pre-training curriculum's methods."""
     if difficulty is None:
         return None
-    from data_pipelines.curriculum import build_order
+    from ..data.curriculum_order import build_order
 
     cur = cfg.stage.curriculum
     if cur.method not in ("sort", "buckets"):
