@@ -14,7 +14,6 @@ The ordering methods (`sort`, `buckets`, `shuffle`) are `lfm2_train.data.curricu
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from lfm2_train.data.curriculum_order import METHODS, bucket_bounds, build_order
 from lfm2_train.data.format import load_manifest, load_scores, save_order
 from lfm2_train.data.pacing import PacingConfig
 
+from ._job import DataJob
 from .scoring import as_config
 
 
@@ -94,24 +94,8 @@ def run(cfg: CurriculumConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any
             "shard_order": shards}
 
 
-def _register_hydra() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="curriculum", node=CurriculumConfig)
-
-
-def main() -> None:
-    """`python -m data_pipelines.curriculum dataset=<dir> scores=<name> method=<sort|buckets|shuffle>`."""
-    import hydra
-
-    _register_hydra()
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="curriculum")
-    def _main(cfg: DictConfig) -> None:
-        print(json.dumps(run(cfg), indent=2))
-
-    _main()
-
+JOB = DataJob("curriculum", CurriculumConfig, run)
+register_configs, main = JOB.register_configs, JOB.main
 
 if __name__ == "__main__":
     main()

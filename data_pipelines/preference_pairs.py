@@ -27,7 +27,6 @@ dropped per reason, the mean judge score of the samples — the model's accuracy
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from lfm2_train.artifacts import write_text_atomic
+
+from ._job import DataJob, without
 from .judges import Judge, JudgeConfig, build_judge
 from .scoring import as_config
 
@@ -201,12 +203,6 @@ def build_pairs(rows: Sequence[Mapping[str, Any]], samples: Sequence[Sequence[Ca
     return out, stats
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(cfg: PreferencePairsConfig | DictConfig | Mapping[str, Any], judge: Judge | None = None) -> dict[str, Any]:
     """Build the pairs; `judge` overrides `cfg.judge` (a ready object, e.g. in tests). Returns the stats."""
     import torch
@@ -243,30 +239,13 @@ def run(cfg: PreferencePairsConfig | DictConfig | Mapping[str, Any], judge: Judg
     stats.update(source=source, model=str(model_dir), model_weights_sha256=reference_weights_sha256(model_dir),
                  config=OmegaConf.to_container(cfg, resolve=True), seconds=round(time.perf_counter() - started, 2),
                  output=str(out_dir / "pairs.jsonl"))
-    _write_atomic(out_dir / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    _write_atomic(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(out_dir / "pairs.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    write_text_atomic(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
 
 
-def _register_hydra() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="preference_pairs", node=PreferencePairsConfig)
-
-
-def main() -> None:
-    """`python -m data_pipelines.preference_pairs model=<dir> output_dir=<dir> [overrides]`."""
-    import hydra
-
-    _register_hydra()
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="preference_pairs")
-    def _main(cfg: DictConfig) -> None:
-        stats = run(cfg)
-        print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=2))
-
-    _main()
-
+JOB = DataJob("preference_pairs", PreferencePairsConfig, run, summary=without("config"))
+register_configs, main = JOB.register_configs, JOB.main
 
 if __name__ == "__main__":
     main()

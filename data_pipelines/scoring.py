@@ -43,6 +43,9 @@ from lfm2_train.data.format import (
     save_scores,
     verify_shards,
 )
+from lfm2_train.data.packing import batch_rows, longest_with_shortest
+
+from ._job import DataJob
 
 # ============================================================================================== config
 
@@ -163,40 +166,12 @@ def build_scorer(name: str, cfg: DictConfig) -> Scorer:
 # ============================================================================================== model_loss
 
 
-def _pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Group positions of `lengths` into rows of at most `capacity` tokens.
-
-    Longest remaining document first, topped up with the shortest ones that still fit: O(n log n), and
-    near-full rows without a bin-packing solver. Every length must be <= capacity.
-    """
-    by_len = np.argsort(-lengths, kind="stable")
-    lo, hi = 0, len(by_len) - 1
-    rows: list[list[int]] = []
-    while lo <= hi:
-        row = [int(by_len[lo])]
-        used = int(lengths[by_len[lo]])
-        lo += 1
-        while lo <= hi and used + int(lengths[by_len[hi]]) <= capacity:
-            row.append(int(by_len[hi]))
-            used += int(lengths[by_len[hi]])
-            hi -= 1
-        rows.append(row)
-    return rows
-
-
-def _batch_rows(rows: list[list[int]], lengths: np.ndarray, max_tokens: int) -> Iterator[list[list[int]]]:
-    """Consecutive rows while (rows x longest row) stays within max_tokens (padding counted)."""
-    batch: list[list[int]] = []
-    longest = 0
-    for row in rows:
-        n = int(lengths[row].sum())
-        if batch and (len(batch) + 1) * max(longest, n) > max_tokens:
-            yield batch
-            batch, longest = [], 0
-        batch.append(row)
-        longest = max(longest, n)
-    if batch:
-        yield batch
+def _batches(lengths: np.ndarray, capacity: int, max_tokens: int) -> Iterator[list[list[int]]]:
+    """Rows of document positions (`longest_with_shortest` into `capacity` tokens), grouped into batches of
+    consecutive rows whose padded size (rows x longest row) stays within `max_tokens`."""
+    rows = longest_with_shortest(lengths, capacity)
+    for batch in batch_rows([int(lengths[row].sum()) for row in rows], max_tokens):
+        yield [rows[r] for r in batch]
 
 
 class ModelLossScorer:
@@ -244,8 +219,7 @@ class ModelLossScorer:
         with torch.inference_mode():
             for w0 in range(0, len(doc_indices), self.window):
                 w_len = lengths[w0:w0 + self.window]
-                rows = _pack_rows(w_len, self.max_length)
-                for batch in _batch_rows(rows, w_len, self.max_tokens_per_batch):
+                for batch in _batches(w_len, self.max_length, self.max_tokens_per_batch):
                     positions = [w0 + p for row in batch for p in row]
                     losses = self._batch_loss(reader, doc_indices, lengths, batch, w0, device)
                     out[positions] = losses
@@ -638,24 +612,8 @@ def run(cfg: ScoringConfig | DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             "seconds": round(elapsed, 3), **stats}
 
 
-def _register_hydra() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="scoring", node=ScoringConfig)
-
-
-def main() -> None:
-    """`python -m data_pipelines.scoring dataset=<dir> scorer=<name> [overrides]`."""
-    import hydra
-
-    _register_hydra()
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="scoring")
-    def _main(cfg: DictConfig) -> None:
-        print(json.dumps(run(cfg), indent=2))
-
-    _main()
-
+JOB = DataJob("scoring", ScoringConfig, run)
+register_configs, main = JOB.register_configs, JOB.main
 
 if __name__ == "__main__":
     main()

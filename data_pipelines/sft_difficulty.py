@@ -20,7 +20,6 @@ on the measured success rates; it reports the Spearman correlation with held-out
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import time
 import zlib
@@ -35,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lfm2_train.data.chat import ChatFormatError, normalize_messages
 from lfm2_train.data.chat_dataset import ChatRows, load_chat_rows, load_difficulty, save_difficulty
 
+from ._job import DataJob
 from .scoring import as_config
 
 METHODS = ("success_rate", "classifier")
@@ -390,19 +390,8 @@ def run(cfg: SFTDifficultyConfig | DictConfig | Mapping[str, Any], sample: Sampl
             **{k: meta[k] for k in ("val_spearman", "mean_success") if k in meta}}
 
 
-def main() -> None:
-    """`python -m data_pipelines.sft_difficulty output=<file.json> method=<name> [overrides]`."""
-    import hydra
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="sft_difficulty", node=SFTDifficultyConfig)
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="sft_difficulty")
-    def _main(cfg: DictConfig) -> None:
-        print(json.dumps(run(cfg), indent=2))
-
-    _main()
-
+JOB = DataJob("sft_difficulty", SFTDifficultyConfig, run)
+main = JOB.main
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ Design points:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from lfm2_train.artifacts import sha256_json
 from lfm2_train.data.format import (
     MANIFEST,
     DataFormatError,
@@ -49,6 +49,7 @@ from lfm2_train.data.format import (
 )
 from lfm2_train.tokenizer import LFM2Tokenizer, tiny_tokenizer_path
 
+from ._job import DataJob, without
 from .corpus import default_mixture
 from .fim import (
     FIM_MID,
@@ -333,13 +334,9 @@ def _identity(cfg: TokenizeConfig, fingerprint: str, dtype: np.dtype, sources: l
     return {"config": config, "tokenizer_fingerprint": fingerprint, "dtype": dtype.name, "inputs": inputs}
 
 
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
 def _job_hash(identity: dict[str, Any]) -> str:
     """Identity of an unfinished job: everything but the input files (whose change restarts it)."""
-    return _digest({k: v for k, v in identity.items() if k != "inputs"})
+    return sha256_json({k: v for k, v in identity.items() if k != "inputs"})
 
 
 def _remove_ours(out: Path, keep: set[str]) -> list[str]:
@@ -376,7 +373,7 @@ def prepare_output(out: Path, cfg: TokenizeConfig, identity: dict[str, Any],
     full identity (config, tokenizer, input files and sizes); an unfinished job by the identity without the
     inputs, so that changed inputs (``inputs``: paths, sizes, mtimes) restart it instead of refusing.
     """
-    identity_hash = _digest(identity)
+    identity_hash = sha256_json(identity)
     job_hash = _job_hash(identity)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
@@ -562,7 +559,7 @@ def run(cfg: TokenizeConfig | DictConfig | dict[str, Any]) -> dict[str, Any]:
         separator_id=job.spec.separator_id, shards=infos, sources=source_entries,
         fim=_fim_entry(cfg, job.spec, cursors),
         extra={"job": "data_pipelines.tokenize", "config": {**_config_dict(cfg), "tokenizer": str(job.tok_path)},
-               "config_hash": _digest(job.identity), "inputs": job.identity["inputs"]},
+               "config_hash": sha256_json(job.identity), "inputs": job.identity["inputs"]},
     )
     if job.copy_tokenizer:
         job.tok.save_pretrained(out / TOKENIZER_DIR)
@@ -672,24 +669,8 @@ def _summary(status: str, out: Path, shards: list[ShardInfo], sources: list[dict
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="tokenize", node=TokenizeConfig)
-
-
-def main() -> None:
-    import hydra
-
-    register_configs()
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="tokenize")
-    def _main(cfg: DictConfig) -> None:
-        summary = run(cfg)
-        print(json.dumps({k: v for k, v in summary.items() if k != "sources"}, indent=2))
-
-    _main()
-
+JOB = DataJob("tokenize", TokenizeConfig, run, summary=without("sources"))
+register_configs, main = JOB.register_configs, JOB.main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ directories); by default the bundled corpus. Training is deterministic for the s
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lfm2_train.data.format import write_json_atomic
 from lfm2_train.tokenizer import LFM2_SPECIAL_TOKENS, train_bpe_tokenizer
 
+from ._job import DataJob
 from .corpus import bundled_corpus_files
 from .sources import LoadedSource, SourceConfig, load_source
 
@@ -117,23 +117,8 @@ def run(cfg: TrainTokenizerConfig | DictConfig | dict[str, Any]) -> dict[str, An
             "documents": counted["documents"], "seconds": seconds}
 
 
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="train_tokenizer", node=TrainTokenizerConfig)
-
-
-def main() -> None:
-    import hydra
-
-    register_configs()
-
-    @hydra.main(version_base="1.3", config_path=None, config_name="train_tokenizer")
-    def _main(cfg: DictConfig) -> None:
-        print(json.dumps(run(cfg), indent=2))
-
-    _main()
-
+JOB = DataJob("train_tokenizer", TrainTokenizerConfig, run)
+register_configs, main = JOB.register_configs, JOB.main
 
 if __name__ == "__main__":
     main()

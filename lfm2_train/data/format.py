@@ -18,45 +18,30 @@ unfinished job, never a dataset.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# Re-exported: DataFormatError, sha256_file and the atomic writers live in `artifacts`; many modules import
+# them from here.
+from ..artifacts import (
+    DataFormatError,
+    read_manifest,
+    save_npy_atomic,
+    sha256_file,
+    sha256_json,
+    write_array_atomic,
+    write_json_atomic,
+)
+
 FORMAT_VERSION = "lfm2_train.shards/1"
 MANIFEST = "manifest.json"
 
 
-class DataFormatError(ValueError):
-    """A dataset directory is incomplete, modified, or made for another tokenizer/model."""
-
-
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -110,8 +95,7 @@ class Manifest:
 
     def hash(self) -> str:
         """Identity of the dataset: ties scores, orders and teacher caches to exactly these shards."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return sha256_json(self.to_dict())
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / MANIFEST
@@ -126,11 +110,7 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise FileNotFoundError(f"dataset directory {directory} does not exist")
     if not path.is_file():
         raise DataFormatError(f"{directory} has no {MANIFEST}: the tokenization job did not finish")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path} is not valid JSON: {err}") from None
-    return Manifest.from_dict(data, source=str(path))
+    return Manifest.from_dict(read_manifest(path) or {}, source=str(path))
 
 
 def verify_shards(directory: str | Path, manifest: Manifest | None = None) -> Manifest:
@@ -167,17 +147,6 @@ def check_compatible(manifest: Manifest, *, tokenizer_fingerprint: str | None, v
             f"tokenize the data with the model's tokenizer (data_pipelines.tokenize tokenizer=<dir>), or give the "
             f"model the tokenizer's vocabulary (model.overrides={{vocab_size: {manifest.vocab_size}}})"
         )
-
-
-def write_array_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Raw bytes of `array` to `path` through a temporary file, fsync and rename (never half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(array).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(directory: str | Path, name: str, tokens: np.ndarray, offsets: np.ndarray) -> ShardInfo:
@@ -241,10 +210,7 @@ def _save_side(directory: str | Path, kind: str, name: str, array: np.ndarray, m
                manifest: Manifest) -> Path:
     npy, js = _side_paths(directory, kind, name)
     npy.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npy.with_name(f".{npy.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, npy)
+    save_npy_atomic(npy, array)
     write_json_atomic(js, {**meta, "name": name, "manifest_hash": manifest.hash(), "sha256": sha256_file(npy),
                            "length": int(len(array))})
     return npy
@@ -254,7 +220,7 @@ def _load_side(directory: str | Path, kind: str, name: str, manifest: Manifest) 
     npy, js = _side_paths(directory, kind, name)
     if not npy.is_file() or not js.is_file():
         raise DataFormatError(f"{kind[:-1] if kind.endswith('s') else kind} {name!r} not found under {npy.parent}")
-    meta = json.loads(js.read_text())
+    meta = read_manifest(js) or {}
     if meta.get("manifest_hash") != manifest.hash():
         raise DataFormatError(f"{npy} was computed for different shards (manifest hash mismatch): recompute it")
     if sha256_file(npy) != meta.get("sha256"):

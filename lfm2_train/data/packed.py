@@ -16,6 +16,7 @@ import torch
 
 from ..losses.labels import IGNORE_INDEX
 from .format import ShardReader
+from .packing import Piece, fill_row
 
 
 @dataclass
@@ -40,40 +41,40 @@ class DocumentStream:
         self.sequence = np.asarray(sequence, dtype=np.int64)
         self.seq_len = seq_len
         self.state = PackerState()
-        self._lengths: np.ndarray | None = None  # document lengths, read on the first skipped row
+        self._lengths: np.ndarray | None = None  # document lengths, read on the first row
 
     def load_state(self, state: dict[str, int]) -> None:
         self.state = PackerState(**state)
+
+    def _document_length(self, position: int) -> int:
+        """Token count of the document at `position` of the sequence (lengths are read once, on first use)."""
+        if self._lengths is None:
+            self._lengths = self.reader.doc_lengths()
+        return int(self._lengths[self.sequence[position]])
+
+    def _plan_row(self) -> list[Piece]:
+        """Advance the state past the next row and return its pieces; StopIteration (state untouched) when
+        the sequence cannot fill another row."""
+        st = self.state
+        plan = fill_row(self._document_length, len(self.sequence), st.cursor, st.offset, self.seq_len + 1)
+        if plan is None:
+            raise StopIteration
+        pieces, st.cursor, st.offset = plan
+        st.rows += 1
+        return pieces
 
     def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         need = self.seq_len + 1
         tokens = np.empty(need, dtype=np.int64)
         docs = np.empty(need, dtype=np.int64)
         where = np.empty(need, dtype=np.int64)  # global token index (aligns teacher caches)
-        filled, segment = 0, 0
-        st = self.state
-        saved = (st.cursor, st.offset)
-        while filled < need:
-            if st.cursor >= len(self.sequence):
-                st.cursor, st.offset = saved  # an incomplete row consumes nothing
-                raise StopIteration
-            doc_index = int(self.sequence[st.cursor])
-            doc = self.reader.document(doc_index)
-            take = min(len(doc) - st.offset, need - filled)
-            tokens[filled:filled + take] = doc[st.offset:st.offset + take]
+        filled = 0
+        for segment, (position, start, take) in enumerate(self._plan_row()):
+            doc_index = int(self.sequence[position])
+            tokens[filled:filled + take] = self.reader.document(doc_index)[start:start + take]
             docs[filled:filled + take] = segment
-            where[filled:filled + take] = self.reader.token_start(doc_index) + st.offset + np.arange(take)
+            where[filled:filled + take] = self.reader.token_start(doc_index) + start + np.arange(take)
             filled += take
-            segment += 1
-            if st.offset + take == len(doc):
-                st.cursor, st.offset = st.cursor + 1, 0
-            else:
-                st.offset += take
-        # A document cut by the row end resumes at the row's last token: it was only a label here.
-        # (A row that ends exactly at a document end needs no overlap: the next document starts fresh.)
-        if st.offset:
-            st.offset -= 1
-        st.rows += 1
         return tokens, docs, where
 
     def drain(self, batch_size: int, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -141,26 +142,8 @@ class DocumentStream:
         return self._collate(rows)
 
     def _skip_row(self) -> None:
-        """`_next_row`'s state transitions from the document lengths, without touching any token."""
-        if self._lengths is None:
-            self._lengths = self.reader.doc_lengths()
-        need, filled = self.seq_len + 1, 0
-        st = self.state
-        saved = (st.cursor, st.offset)
-        while filled < need:
-            if st.cursor >= len(self.sequence):
-                st.cursor, st.offset = saved
-                raise StopIteration
-            length = int(self._lengths[self.sequence[st.cursor]])
-            take = min(length - st.offset, need - filled)
-            filled += take
-            if st.offset + take == length:
-                st.cursor, st.offset = st.cursor + 1, 0
-            else:
-                st.offset += take
-        if st.offset:
-            st.offset -= 1
-        st.rows += 1
+        """`_next_row`'s state transition, planned from the document lengths without touching any token."""
+        self._plan_row()
 
 
 def split_documents(n_documents: int, val_fraction: float, val_max: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,6 @@ the same policy as the teacher cache (`teacher_cache.py`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import DataFormatError, sha256_file, write_array_atomic, write_json_atomic
+from ..artifacts import (
+    DataFormatError,
+    adapter_sha256,
+    checkpoint_sha256,
+    describe_differences,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+    write_array_atomic,
+    write_json_atomic,
+)
 from .preference import EncodedPair, collate_pairs
 
 REF_FORMAT = "lfm2_train.ref_logps/1"
@@ -42,24 +50,14 @@ class StaleCacheError(DataFormatError):
 
 
 def reference_weights_sha256(path: str | Path) -> str:
-    """sha256 over config.json and every weight file of an HF directory (robust to moving it). A PEFT adapter
-    directory (a model = base + adapter) hashes its adapter files together with its base's hash."""
-    from ..model.peft_io import ADAPTER_CONFIG, adapter_base, is_adapter_dir
+    """The reference model's identity (`artifacts.checkpoint_sha256`: config.json and weight files, robust to
+    moving the directory). A PEFT adapter directory (a model = base + adapter) hashes its adapter files
+    together with its base's hash."""
+    from ..model.peft_io import adapter_base, is_adapter_dir
 
-    path = Path(path)
     if is_adapter_dir(path):
-        h = hashlib.sha256(f"base\0{reference_weights_sha256(adapter_base(path))}\n".encode())
-        for file in sorted([path / ADAPTER_CONFIG, *path.glob("adapter_model.*")]):
-            h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
-        return h.hexdigest()
-    files = sorted({p for pattern in ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin")
-                    for p in path.glob(pattern)})
-    if not any(f.name != "config.json" for f in files):
-        raise FileNotFoundError(f"reference model {path} has no weight files (*.safetensors / *.bin)")
-    h = hashlib.sha256()
-    for file in files:
-        h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
-    return h.hexdigest()
+        return adapter_sha256(path, base_sha256=reference_weights_sha256(adapter_base(path)))
+    return checkpoint_sha256(path)
 
 
 def cache_key(data_hash: str, tokenizer_fingerprint: str, reference_sha256: str) -> dict[str, Any]:
@@ -68,7 +66,7 @@ def cache_key(data_hash: str, tokenizer_fingerprint: str, reference_sha256: str)
 
 
 def key_digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return sha256_json(key)
 
 
 def default_cache_dir(key: dict[str, Any]) -> Path:
@@ -76,24 +74,16 @@ def default_cache_dir(key: dict[str, Any]) -> Path:
     return root / "ref_logps" / key_digest(key)[:20]
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
-    return "; ".join(f"{k}: {str(a.get(k))[:12]}… != {str(b.get(k))[:12]}…" for k in sorted(set(a) | set(b))
-                     if a.get(k) != b.get(k))
-
-
 def read_cache(directory: str | Path, key: dict[str, Any], n_pairs: int) -> np.ndarray | None:
     """The cached (n_pairs, 2) array when `directory` holds a complete cache for `key`; None when it holds
     no cache; DataFormatError when it holds one for another key or a damaged one."""
     directory = Path(directory)
-    manifest_path = directory / REF_MANIFEST
-    if not manifest_path.is_file():
+    manifest = read_manifest(directory / REF_MANIFEST, format=REF_FORMAT)
+    if manifest is None:
         return None
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != REF_FORMAT:
-        raise DataFormatError(f"{manifest_path}: format {manifest.get('format')!r} is not {REF_FORMAT!r}")
     if manifest.get("key") != key:
         raise StaleCacheError(f"reference log-prob cache {directory} was computed for other inputs "
-                              f"({_differences(manifest.get('key', {}), key)})")
+                              f"({describe_differences(manifest.get('key', {}), key)})")
     array_path = directory / REF_ARRAY
     if not array_path.is_file() or sha256_file(array_path) != manifest.get("sha256"):
         raise DataFormatError(f"reference log-prob cache file {array_path} is missing or does not match its sha256")

@@ -12,7 +12,6 @@ A cache refers to the dataset by its manifest hash, so it can never be read agai
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .format import DataFormatError, Manifest, sha256_file, write_array_atomic, write_json_atomic
+from ..artifacts import DataFormatError, read_manifest, sha256_file, write_array_atomic, write_json_atomic
+from .format import Manifest
 from .prefetch import local_rows
 
 CACHE_FORMAT = "lfm2_train.teacher_cache/1"
@@ -100,9 +100,10 @@ class TeacherCache:
                  verify_hashes: bool = True) -> None:
         self.directory = Path(directory)
         path = self.directory / CACHE_MANIFEST
-        if not path.is_file():
+        data = read_manifest(path)
+        if data is None:
             raise DataFormatError(f"{self.directory} has no {CACHE_MANIFEST}: the cache_teacher stage did not finish")
-        self.manifest = m = CacheManifest.from_dict(json.loads(path.read_text()), str(path))
+        self.manifest = m = CacheManifest.from_dict(data, str(path))
         where = str(self.directory)
         if m.dataset_manifest_hash != dataset.hash():
             raise DataFormatError(f"teacher cache {where} was computed on other shards (dataset manifest hash "

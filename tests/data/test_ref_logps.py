@@ -64,7 +64,8 @@ def test_changed_data_or_weights_invalidate(tmp_path, tok, reference_loads, monk
     explicit = tmp_path / "cache"
     _get(tok, pairs, ref, explicit)
     _save_model(ref, 1)  # same path, new weights
-    with pytest.raises(StaleCacheError, match="reference_weights_sha256.*ref_cache_overwrite"):
+    with pytest.raises(StaleCacheError, match=r"\(reference_weights_sha256: cached [0-9a-f]{12}…, now [0-9a-f]{12}…\)"
+                       r".*ref_cache_overwrite"):
         _get(tok, pairs, ref, explicit)
     with pytest.raises(StaleCacheError, match="data_hash"):
         _get(tok, _pairs(tok, offset=1), ref, explicit)

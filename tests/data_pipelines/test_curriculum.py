@@ -151,7 +151,7 @@ def test_order_and_scores_refused_after_manifest_changes(tmp_path: Path) -> None
 
 def test_hydra_compose_and_cli(tmp_path: Path) -> None:
     data = scored(tmp_path, [0.5, 0.25, 0.75, 0.0, 1.0, 0.125])
-    curriculum._register_hydra()
+    curriculum.register_configs()
     with initialize(version_base="1.3", config_path=None):
         cfg = compose(config_name="curriculum", overrides=[
             f"dataset={data}", "scores=fixed", "method=buckets", "n_buckets=2", "pacing.kind=step",

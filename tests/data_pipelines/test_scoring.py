@@ -16,13 +16,13 @@ from data_pipelines import scoring
 from data_pipelines.scoring import (
     ExternalScorer,
     ModelLossScorer,
-    _pack_rows,
     available_scorers,
     normalize_scores,
     register_scorer,
     run,
 )
 from lfm2_train.data.format import DataFormatError, Manifest, ShardReader, load_manifest, load_scores, write_shard
+from lfm2_train.data.packing import longest_with_shortest
 from lfm2_train.model import LFM2ForCausalLM, get_preset
 
 SEP = 7
@@ -74,7 +74,7 @@ def test_model_loss_equals_naive_per_document_loss(tmp_path: Path) -> None:
     reader = ShardReader(data)
     # The run really packed several documents per row (else the doc_ids masking would be untested).
     lengths = np.minimum(reader.doc_lengths(), max_length)
-    assert max(len(row) for row in _pack_rows(lengths, max_length)) > 1
+    assert max(len(row) for row in longest_with_shortest(lengths, max_length)) > 1
     with torch.inference_mode():
         for d in range(len(reader)):
             toks = torch.from_numpy(reader.document(d)[:max_length].astype(np.int64))

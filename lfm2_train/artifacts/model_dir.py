@@ -1,6 +1,6 @@
-"""Directories that other steps consume: written whole or not at all, and checked before they are used.
+"""Model directories that other steps consume: written whole or not at all, and checked before they are used.
 
-A model directory is produced in a temporary sibling and renamed into place (`replace_dir`), so a kill
+A model directory is produced in a temporary sibling and renamed into place (`atomic.replace_dir`), so a kill
 during an export leaves either the previous complete directory or none — never one with only a
 `config.json`. Its manifest (`lfm2_train_manifest.json`) lists every file with its size, and a consumer asks
 `model_dir_problem` before it trusts a directory.
@@ -9,32 +9,12 @@ during an export leaves either the previous complete directory or none — never
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 MODEL_MANIFEST = "lfm2_train_manifest.json"
 _WEIGHTS = "model.safetensors"
 _WEIGHTS_INDEX = "model.safetensors.index.json"
-
-
-def temp_sibling(dst: Path) -> Path:
-    """A fresh, empty temporary directory next to `dst` (same filesystem, so the final rename is atomic)."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def replace_dir(tmp: Path, dst: Path) -> Path:
-    """Put the complete directory `tmp` at `dst`. Between the two renames `dst` is absent, never partial."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-    return dst
 
 
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
