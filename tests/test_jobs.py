@@ -84,3 +84,9 @@ def test_a_registry_error_is_a_user_error():
     from lfm2_train.errors import USER_ERRORS
 
     assert issubclass(jobs.DataJobError, USER_ERRORS)
+
+
+def test_every_job_a_chain_step_may_name_is_declared():
+    from lfm2_train.chain.spec import DATA_JOBS
+
+    assert set(DATA_JOBS) <= set(declared_jobs())
