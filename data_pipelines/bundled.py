@@ -3,11 +3,14 @@
 Tokenized once with the bundled tiny tokenizer into `~/.cache/lfm2_train/bundled-<key>/` (override with
 LFM2_TRAIN_CACHE). The key hashes the corpus index and the job settings, so a changed corpus or setting
 makes a new directory instead of reusing a stale one; rerunning on a finished directory only verifies it.
+
+The library reaches it as the data job `bundled` (`lfm2_train.jobs.run_job("bundled", ...)`), never by import.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +54,15 @@ def prepare_bundled_dataset(runtime: Any = None, tokenizer: Path | None = None) 
     if runtime is not None:
         runtime.barrier()
     return out, out / "tokenizer"
+
+
+def run(cfg: Mapping[str, Any] | None = None, runtime: Any = None) -> dict[str, str]:
+    """The job: `{"tokenizer": a model's tokenizer directory or None}` -> `{"dataset": dir, "tokenizer": dir}`.
+    `runtime` (a training runtime, not config) makes rank 0 tokenize while the other ranks wait."""
+    cfg = dict(cfg or {})
+    unknown = sorted(set(cfg) - {"tokenizer"})
+    if unknown:
+        raise ValueError(f"the bundled job takes only `tokenizer`; unknown keys: {unknown}")
+    tokenizer = cfg.get("tokenizer")
+    dataset, tokenizer_dir = prepare_bundled_dataset(runtime, Path(tokenizer) if tokenizer is not None else None)
+    return {"dataset": str(dataset), "tokenizer": str(tokenizer_dir)}

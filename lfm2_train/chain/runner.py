@@ -12,7 +12,6 @@ own atomic outputs).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import model_dir_problem
+from ..jobs import run_job
 from .spec import ChainSpec, Step, substitute
 
 MARKER = "chain_step.json"
@@ -189,8 +189,7 @@ class ChainRunner:
             args.setdefault("overwrite", True)
         if step.job in ("tokenize", "scoring"):
             args.setdefault("progress", False)
-        module = importlib.import_module(f"data_pipelines.{step.job}")
-        result = module.run(args)
+        result = run_job(step.job, args)
         return dict(result) if isinstance(result, dict) else {"result": result}
 
 

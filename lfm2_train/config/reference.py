@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib
 import inspect
 import io
-import pkgutil
 import sys
 import textwrap
 import tokenize
@@ -29,6 +27,7 @@ import yaml
 from hydra.core.config_store import ConfigNode, ConfigStore
 from omegaconf import OmegaConf
 
+from ..jobs import job_module, job_names
 from .paths import RECIPE_DIR, packaged_chains, recipe_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -223,10 +222,8 @@ def _collect() -> tuple[dict[str, Any], dict[str, ConfigNode]]:
         schema.register_configs()
         main_repo = cs.repo
     jobs: dict[str, ConfigNode] = {}
-    import data_pipelines
-
-    for info in sorted(pkgutil.iter_modules(data_pipelines.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"data_pipelines.{info.name}")
+    for name in job_names():
+        module = job_module(name)
         register = getattr(module, "register_configs", None) or getattr(module, "_register_hydra", None)
         if register is None:
             continue

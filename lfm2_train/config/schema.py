@@ -213,7 +213,7 @@ class SFTCurriculumSchema:
     source: str = "none"  # none (seeded shuffle per epoch) | column | file
     column: str = "difficulty"  # source=column: the dataset column holding a difficulty (higher = harder)
     file: str | None = None  # source=file: written by `python -m data_pipelines.sft_difficulty`
-    method: str = "sort"  # sort | buckets (data_pipelines.curriculum.build_order)
+    method: str = "sort"  # sort | buckets (lfm2_train.data.curriculum_order.build_order)
     n_buckets: int = 10
 
 

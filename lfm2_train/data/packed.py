@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..losses.labels import IGNORE_INDEX
 from .format import ShardReader
 from .packing import Piece, fill_row
-
-IGNORE_INDEX = -100
 
 
 @dataclass

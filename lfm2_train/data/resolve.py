@@ -13,9 +13,10 @@ def resolve_dataset(data_cfg: DictConfig, runtime: Any = None, tokenizer: Path |
     (cached under ~/.cache/lfm2_train, keyed by the job config) so the quick start needs no download —
     tokenized with `tokenizer` (a model's own) when given, so that model can read it."""
     if data_cfg.path is None:
-        from data_pipelines.bundled import prepare_bundled_dataset
+        from ..jobs import run_job
 
-        return prepare_bundled_dataset(runtime, tokenizer)
+        prepared = run_job("bundled", {"tokenizer": tokenizer}, runtime=runtime)
+        return Path(prepared["dataset"]), Path(prepared["tokenizer"])
     path = Path(data_cfg.path)
     if not path.is_dir():
         raise FileNotFoundError(f"data.path={path} does not exist")

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import sha256_file
 from .chat_dataset import ChatRows, EncodedRows, load_difficulty
+from .curriculum_order import build_order
 from .pacing import PacingConfig
 from .sft_stream import count_rows, positions_needed
 from .training_sequence import training_sequence
@@ -44,8 +45,6 @@ def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarr
     """Example indices easy -> hard (None without a curriculum), via the pre-training curriculum's methods."""
     if difficulty is None:
         return None
-    from data_pipelines.curriculum import build_order
-
     cur = cfg.stage.curriculum
     if cur.method not in ("sort", "buckets"):
         raise ValueError(f"stage.curriculum.method={cur.method!r}; choose sort or buckets")

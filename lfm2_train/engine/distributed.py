@@ -257,14 +257,3 @@ def builds_on_meta(cfg: Any) -> bool:
     lora = OmegaConf.select(cfg, "model.lora", default=None)
     with_lora = lora is not None and (lora.get("r", 0) > 0 or bool(lora.get("adapter")))
     return cfg.distributed.backend == "fsdp2" and not with_lora
-
-
-def make_backend(model: LFM2ForCausalLM, cfg: Any, runtime: Runtime, trainable_only: bool = False) -> Any:
-    if cfg.distributed.backend == "deepspeed":
-        if trainable_only:
-            raise ValueError("LoRA (model.lora.r > 0) runs with distributed.backend none, ddp or fsdp2; the frozen "
-                             "base is sharded by fsdp2 (the ZeRO-3 equivalent)")
-        from .deepspeed_backend import DeepSpeedBackend
-
-        return DeepSpeedBackend(model, cfg, runtime)
-    return TorchBackend(model, cfg, runtime, trainable_only)

@@ -20,7 +20,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ..model import LFM2Config, LFM2ForCausalLM
-from ..model.hf_io import _init_runtime_buffers, read_state_dict
+from ..model.hf_io import _init_runtime_buffers
+from ..model.lfm2 import read_state_dict
 
 ATTRIBUTE = "deferred_init"
 

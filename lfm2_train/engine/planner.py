@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..losses import KDParams, ce_kd_chunk, fused_head_loss, lm_loss, pair_logps
 from ..model import LFM2Config, LFM2ForCausalLM
 from ..model.moe import Experts
-from .distributed import Runtime, make_backend
+from .backends import make_backend
+from .distributed import Runtime
 
 # What a stage's micro-batch looks like to the memory planner.
 STAGE_KINDS = {"pretrain": "lm", "midtrain": "lm", "sft": "lm", "distill": "distill", "preference": "preference"}

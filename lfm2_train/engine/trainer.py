@@ -33,13 +33,15 @@ from ..data.format import write_json_atomic
 from ..data.prefetch import RankBatches
 from ..exit_codes import EXIT_INTERRUPTED
 from ..model import LFM2ForCausalLM
-from ..model.hf_io import read_state_dict, write_checkpoint
+from ..model.hf_io import write_checkpoint
+from ..model.lfm2 import read_state_dict
 from ..model.lora import LoRAConfig
 from ..model.peft_io import read_adapter_state, save_adapter
+from .backends import make_backend
 from .callbacks import Callback, ExpertBiasUpdate
 from .checkpoint import CheckpointManager, load_tensors, rng_state, set_rng_state
 from .dcp import MODEL_CONFIG, TOKENIZER_DIR
-from .distributed import Runtime, make_backend
+from .distributed import Runtime
 from .observe import MetricsLogger, plot_losses
 from .optim import LRSchedule
 

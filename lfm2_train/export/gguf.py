@@ -41,7 +41,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
 from ..model.config import LFM2Config
-from ..model.hf_io import read_config, read_state_dict
+from ..model.hf_io import read_config
+from ..model.lfm2 import read_state_dict
 
 #: export dtype -> (tensor type of the quantised weights, `general.file_type`). Only types that
 #: `gguf.quants` can *write* in Python; the k-quants and i-quants need llama.cpp's `llama-quantize`.

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
 from ..model.cache import reorder_rows
 from . import native
+from .decoding import GenerationOutput, run_generation
 from .quant import Int8Linear
+from .sampling import SamplingConfig
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 # Products with more rows than this count as GEMMs (prefill) rather than matrix-vector products (decode).
@@ -317,11 +319,10 @@ class FastLFM2:
         state = self.new_state(ids.shape[0], ids.shape[1])
         return self.prefill(state, ids, attention_mask, all_logits=True)
 
-    def generate(self, prompts: list[list[int]] | list[int], cfg: object = None, **overrides: object) -> object:
+    def generate(self, prompts: list[list[int]] | list[int], cfg: SamplingConfig | None = None,
+                 **overrides: object) -> GenerationOutput:
         """`inference.generate` on this fast path (same arguments, same `GenerationOutput`)."""
-        from .generate import generate
-
-        return generate(self, prompts, cfg, **overrides)  # type: ignore[arg-type]
+        return run_generation(self, prompts, cfg, **overrides)
 
     # ------------------------------------------------------------------ the network
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..data.packed import IGNORE_INDEX
 from .head import fused_head_loss
+from .labels import IGNORE_INDEX
 
 
 def ce_chunk(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

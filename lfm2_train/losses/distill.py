@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.packed import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 KD_METHODS = ("decoupled", "truncated", "tail_bucket")
 WEIGHTS = ("teacher_mass", "one", "constant")

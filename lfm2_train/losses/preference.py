@@ -38,8 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.packed import IGNORE_INDEX
 from .head import _acc_dtype, default_chunk_size
+from .labels import IGNORE_INDEX
 from .preference_terms import (
     ALIASES,
     ALL_LOSSES,

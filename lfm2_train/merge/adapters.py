@@ -23,7 +23,8 @@ import torch
 
 from ..artifacts import adapter_sha256
 from ..model.config import LFM2Config
-from ..model.hf_io import read_config, read_state_dict, write_checkpoint
+from ..model.hf_io import read_config, write_checkpoint
+from ..model.lfm2 import read_state_dict
 from ..model.lora import LoRAError, lora_delta
 from ..model.peft_io import ADAPTER_CONFIG, adapter_base, is_adapter_dir, read_adapter_config, read_adapter_state
 

@@ -6,6 +6,9 @@ On disk (what the Hub, `transformers` and llama.cpp's converter use):
   `feed_forward.expert_bias` buffer. `transformers` may also write the fused in-memory layout
   (`experts.gate_up_proj` (E, 2F, d) / `experts.down_proj` (E, d, F)); both are read.
 Tensors are read one at a time through `safe_open`, so loading never holds two copies of a model.
+
+This module knows the file layout, not the model class: the model (`lfm2.py`) builds itself and passes its own
+state dict as the reference a checkpoint is checked against, so the model imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import LFM2Config, LFM2ConfigError
 from .layers import RotaryEmbedding
-from .lfm2 import LFM2ForCausalLM
 from .moe import MoEFeedForward
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -90,7 +93,7 @@ def _to_internal(path: Path, config: LFM2Config, dtype: torch.dtype | None) -> d
     return out
 
 
-def _init_runtime_buffers(model: LFM2ForCausalLM, device: torch.device | str) -> None:
+def _init_runtime_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Non-persistent buffers are not in checkpoints; rebuild them after a meta-device load."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
@@ -118,12 +121,11 @@ def read_config(path: str | Path) -> LFM2Config:
     return LFM2Config.from_hf_dict(raw, source=str(config_file))
 
 
-def read_state_dict(path: str | Path, config: LFM2Config, dtype: torch.dtype | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Our state dict (tied head included) from a checkpoint, checked key by key and shape by shape."""
+def read_checked_state_dict(path: str | Path, config: LFM2Config, reference: Mapping[str, torch.Tensor],
+                            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our state dict (tied head included) from a checkpoint, checked key by key and shape by shape against
+    `reference` (the state dict of the model `config` describes; meta tensors are enough)."""
     path = Path(path)
-    with torch.device("meta"):
-        reference = LFM2ForCausalLM(config).state_dict()
     state = _to_internal(path, config, dtype)
     expected = set(reference)
     if config.tie_word_embeddings:
@@ -144,30 +146,6 @@ def read_state_dict(path: str | Path, config: LFM2Config, dtype: torch.dtype | N
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
-
-
-def load_pretrained(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | str | None = torch.float32,
-    device: torch.device | str = "cpu",
-    attn_implementation: str | None = None,
-) -> LFM2ForCausalLM:
-    config = read_config(path)
-    if attn_implementation is not None:
-        config = config.replace(attn_implementation=attn_implementation)
-    if dtype == "auto":
-        dtype = None
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    state = {k: v.to(device) for k, v in read_state_dict(path, config, dtype).items()}
-    with torch.device("meta"):
-        model = LFM2ForCausalLM(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    _init_runtime_buffers(model, device)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -196,16 +174,6 @@ def to_disk_tensors(state: dict[str, torch.Tensor], config: LFM2Config, dtype: t
                 yield f"{m.group(1)}.{j}.{m.group(2)}.weight", tensor[j]
         else:
             yield key, tensor
-
-
-def save_pretrained(
-    model: LFM2ForCausalLM,
-    path: str | Path,
-    *,
-    max_shard_size: int | str = "5GB",
-    dtype: torch.dtype | None = None,
-) -> Path:
-    return write_checkpoint(model.state_dict(), model.config, path, max_shard_size=max_shard_size, dtype=dtype)
 
 
 def write_checkpoint(
@@ -255,5 +223,5 @@ def write_checkpoint(
     return path
 
 
-__all__ = ["CheckpointError", "LFM2ConfigError", "iter_checkpoint_tensors", "load_pretrained", "read_config",
-           "read_state_dict", "save_pretrained", "to_disk_tensors", "write_checkpoint"]
+__all__ = ["CheckpointError", "LFM2ConfigError", "iter_checkpoint_tensors", "read_checked_state_dict", "read_config",
+           "to_disk_tensors", "write_checkpoint"]

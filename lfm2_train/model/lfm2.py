@@ -18,6 +18,7 @@ from .attention import Attention
 from .cache import InferenceCache
 from .config import ATTENTION, LFM2Config
 from .conv import ShortConv
+from .hf_io import _init_runtime_buffers, read_checked_state_dict, read_config, write_checkpoint
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU
 from .layout import BatchLayout, doc_ids_from_position_ids, position_ids_from_doc_ids
 from .moe import Experts, MoEFeedForward
@@ -267,13 +268,32 @@ class LFM2ForCausalLM(nn.Module):
 
         `dtype="auto"` keeps the stored dtype.
         """
-        from .hf_io import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        config = read_config(path)
+        if attn_implementation is not None:
+            config = config.replace(attn_implementation=attn_implementation)
+        if dtype == "auto":
+            dtype = None
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        state = read_checked_state_dict(path, config, model.state_dict(), dtype)
+        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        _init_runtime_buffers(model, device)
+        return model
 
     def save_pretrained(self, path: str | Path, *, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | None = None) -> Path:
         """Write config.json, generation_config.json and safetensors weights loadable by `transformers`."""
-        from .hf_io import save_pretrained
+        return write_checkpoint(self.state_dict(), self.config, path, max_shard_size=max_shard_size, dtype=dtype)
 
-        return save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+def read_state_dict(path: str | Path, config: LFM2Config, dtype: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Our state dict (tied head included) from a checkpoint directory, checked key by key and shape by shape
+    against the model `config` describes (built on the meta device, so nothing is allocated)."""
+    with torch.device("meta"):
+        reference = LFM2ForCausalLM(config).state_dict()
+    return read_checked_state_dict(path, config, reference, dtype)

@@ -15,7 +15,8 @@ from hydra import compose, initialize
 from hydra.errors import ConfigCompositionException
 
 from data_pipelines import curriculum, scoring
-from data_pipelines.curriculum import bucket_order, run, sort_order
+from data_pipelines.curriculum import run
+from lfm2_train.data.curriculum_order import bucket_order, sort_order
 from lfm2_train.data.format import DataFormatError, Manifest, ShardReader, load_manifest, load_order, write_shard
 from lfm2_train.data.pacing import PacingConfig
 

@@ -16,7 +16,8 @@ import torch
 
 from lfm2_train.export import GGUFExportError, export_gguf, gguf_dtypes
 from lfm2_train.export.gguf import detect_pre_tokenizer
-from lfm2_train.model.hf_io import read_config, read_state_dict
+from lfm2_train.model.hf_io import read_config
+from lfm2_train.model.lfm2 import read_state_dict
 
 from .conftest import write_model_dir
 

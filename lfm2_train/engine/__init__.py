@@ -1,0 +1,1 @@
+"""The training loop and what it owns: optimizer and schedule, checkpoints, distributed backends, callbacks."""
