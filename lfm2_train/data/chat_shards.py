@@ -570,7 +570,7 @@ def open_stage_shards(path: str | Path, tokenizer: LFM2Tokenizer, settings: Chat
     p = Path(path)
     what = "chat shards from data.path, or rows from stage.dataset"
     if not p.is_dir():
-        raise FileNotFoundError(f"data.path={p} does not exist (stage={settings.kind} reads {what})")
+        raise DataFormatError(f"data.path={p} does not exist (stage={settings.kind} reads {what})")
     manifest = load_manifest(p)
     shards = ChatShards(p, manifest)
     if shards.kind != settings.kind:
