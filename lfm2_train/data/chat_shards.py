@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig
 
 from ..tokenizer import LFM2Tokenizer
 from .chat import EncodedChat
@@ -132,6 +133,11 @@ def tokenizer_identity(tokenizer: LFM2Tokenizer) -> dict[str, Any]:
 
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _settings_hash(identity: dict[str, Any]) -> str:
+    """The identity without the rows: an unfinished job with this hash but other rows starts over."""
+    return _digest({k: v for k, v in identity.items() if k != "source_fingerprint"})
 
 
 def encoding_identity(source_fingerprint: str, tokenizer: LFM2Tokenizer, settings: ChatSettings) -> dict[str, Any]:
@@ -239,7 +245,7 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
     """Refuse / already done / resume / fresh start, as the tokenize job decides: returns
     `{"complete": Manifest}`, a state dict to resume from, or None (leftovers of ours cleared)."""
     identity_hash = _digest(identity)
-    settings_hash = _digest({k: v for k, v in identity.items() if k != "source_fingerprint"})
+    settings_hash = _settings_hash(identity)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         _wipe(out)
@@ -308,8 +314,7 @@ def write_chat_shards(directory: str | Path, rows: ChatRows, tokenizer: LFM2Toke
     dtype = token_dtype(tokenizer.vocab_size)
     entries: list[dict[str, Any]] = state["shards"] if state else []
     state_doc = {"version": STATE_VERSION, "identity_hash": _digest(identity),
-                 "settings_hash": _digest({k: v for k, v in identity.items() if k != "source_fingerprint"}),
-                 "shards": entries}
+                 "settings_hash": _settings_hash(identity), "shards": entries}
     start = entries[-1]["next_row"] if entries else 0
     skipped = Counter(entries[-1]["skipped"]) if entries else Counter()
     parts: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -378,7 +383,7 @@ class ChatShards:
         self.chat = _chat_extra(self.manifest, self.directory)
         self.reader = ShardReader(self.directory, self.manifest)
         names = [s.name for s in self.manifest.shards]
-        self._masks = [np.fromfile(self.directory / f"{n}.mask", dtype=np.uint8) for n in names]
+        self._masks = [np.memmap(self.directory / f"{n}.mask", dtype=np.uint8, mode="r") for n in names]
         self._offsets = [np.fromfile(self.directory / f"{n}.idx", dtype=np.int64) for n in names]
         rows = [np.fromfile(self.directory / f"{n}.rows", dtype=np.int64) for n in names]
         self.row_index = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
@@ -508,7 +513,7 @@ class RowSource:
     load: Callable[[], ChatRows]
 
     @classmethod
-    def from_stage(cls, stage: Any) -> RowSource:
+    def from_stage(cls, stage: DictConfig) -> RowSource:
         """`stage.dataset` (jsonl / json / parquet / csv file or directory), or — sft only, when it is
         unset — the bundled chat arithmetic rows `stage.bundled_*` describe."""
         if stage.dataset is None:
@@ -599,7 +604,8 @@ def _order_of(shards: ChatShards, name: str) -> tuple[np.ndarray, dict[str, Any]
     return order, record
 
 
-def open_sft(stage: Any, data: Any, tokenizer: LFM2Tokenizer, runtime: Any = None) -> tuple[ChatSource, EncodedRows]:
+def open_sft(stage: DictConfig, data: DictConfig, tokenizer: LFM2Tokenizer,
+             runtime: Any = None) -> tuple[ChatSource, EncodedRows]:
     """The SFT stage's data: (what it knows of the rows, the encoded conversations read from chat shards).
 
     `data.path` names sft chat shards (`data.order` an order file in them); otherwise `stage.dataset` (or
@@ -631,7 +637,8 @@ def open_sft(stage: Any, data: Any, tokenizer: LFM2Tokenizer, runtime: Any = Non
     return source, encoded
 
 
-def open_preference(stage: Any, data: Any, tokenizer: LFM2Tokenizer, runtime: Any = None) -> PreferencePairs:
+def open_preference(stage: DictConfig, data: DictConfig, tokenizer: LFM2Tokenizer,
+                    runtime: Any = None) -> PreferencePairs:
     """The preference stage's pairs, read from chat shards: `data.path`, or `stage.dataset` tokenised once
     into the cache. Raises ValueError when no pair is usable."""
     settings = ChatSettings("preference", data.seq_len, split=stage.split, plain_text=stage.plain_text)
