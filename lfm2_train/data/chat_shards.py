@@ -19,7 +19,8 @@ hash covers all of it, an order file (`format.save_order`) is tied to the masks 
 each (a rerun resumes), manifest last. The `data_pipelines.chat_shards` job calls it; so do `open_sft` /
 `open_preference` when a stage is given rows (`stage.dataset`): the rows are tokenised once into a directory
 under `$LFM2_TRAIN_CACHE/chat_shards/` named by a hash of their bytes, the tokenizer, its chat template and
-the settings, and every later run with the same inputs reads the shards without tokenising anything.
+the settings, and every later run with the same inputs reads the shards without tokenising anything. The
+cache is written into a temporary sibling and renamed into place, so concurrent runs never see half of it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from ..artifacts import replace_dir
 from ..tokenizer import LFM2Tokenizer
 from .chat import EncodedChat
 from .chat_dataset import (
@@ -547,24 +550,48 @@ def cached_shards(rows: RowSource, tokenizer: LFM2Tokenizer, settings: ChatSetti
     return ChatShards(directory), status
 
 
+def _cache_complete(directory: Path, identity: dict[str, Any], verify: bool) -> bool:
+    """Whether `directory` holds the finished cache for `identity` (a damaged one is logged and is not)."""
+    if not (directory / MANIFEST).is_file():
+        return False
+    try:
+        manifest = load_manifest(directory)
+        if manifest.extra.get("config_hash") != _digest(identity):
+            return False
+        if verify:
+            verify_chat_shards(directory, manifest)
+    except DataFormatError as err:
+        log.warning("%s is damaged (%s); tokenising again", directory, err)
+        return False
+    return True
+
+
 def _fill_cache(directory: Path, identity: dict[str, Any], rows: RowSource, tokenizer: LFM2Tokenizer,
                 settings: ChatSettings, verify: bool) -> str:
-    if (directory / MANIFEST).is_file():
-        try:
-            manifest = load_manifest(directory)
-            if manifest.extra.get("config_hash") == _digest(identity):
-                if verify:
-                    verify_chat_shards(directory, manifest)
-                return "hit"
-        except DataFormatError as err:
-            log.warning("%s is damaged (%s); tokenising again", directory, err)
-        _wipe(directory)
+    """"hit", or "written" after tokenising the rows into a private temporary sibling that is then renamed
+    into place: runs started together on the same rows (a sweep) each see a whole directory or none, and
+    the first rename wins."""
+    if _cache_complete(directory, identity, verify):
+        return "hit"
     loaded = rows.load()
     if loaded.fingerprint != rows.fingerprint:
         raise DataFormatError(f"{rows.source} changed while it was read (fingerprint {loaded.fingerprint[:12]}… "
                               f"!= {rows.fingerprint[:12]}…)")
-    write_chat_shards(directory, loaded, tokenizer, settings, allow_empty=True, copy_tokenizer=False,
-                      extra={"job": "lfm2_train.data.chat_shards (stage cache)"})
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write_chat_shards(tmp, loaded, tokenizer, settings, allow_empty=True, copy_tokenizer=False,
+                          extra={"job": "lfm2_train.data.chat_shards (stage cache)"})
+        if not directory.exists():
+            try:
+                os.rename(tmp, directory)
+                return "written"
+            except OSError:  # another run renamed its copy first
+                pass
+        if not _cache_complete(directory, identity, verify):
+            replace_dir(tmp, directory)  # a damaged directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return "written"
 
 

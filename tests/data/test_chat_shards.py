@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +298,21 @@ def test_rank_zero_writes_and_the_other_ranks_wait(tmp_path, tok):
     assert status == "written" and main.barriers == 2
     shards_1, _ = cached_shards(source, tok, settings, other)
     assert other.barriers == 2 and shards_1.directory == shards.directory and len(shards_1) == 42
+
+
+def test_runs_started_together_share_one_whole_cache_directory(tmp_path, tok, cache):
+    rows = _rows(chat_rows())
+    source = RowSource("rows", rows.fingerprint, lambda: rows)
+    settings = ChatSettings("sft", 128)
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(cached_shards(source, tok, settings)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len({shards.directory for shards, _ in results}) == 1
+    (directory,) = (cache / "chat_shards").iterdir()  # the losers' temporaries are gone
+    verify_chat_shards(directory)
+    assert [e.input_ids for e in results[0][0].sft_examples()] == [e.input_ids for e in ChatShards(
+        directory).sft_examples()]
