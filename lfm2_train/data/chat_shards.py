@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,7 @@ KINDS = ("sft", "preference")
 STATE_FILE = "chat_shards_state.json"
 STATE_VERSION = 1
 DEFAULT_SHARD_TOKENS = 16_777_216
+STALE_TEMPORARY_S = 24 * 3600  # a cache temporary this old belongs to a killed run, not a slow one
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # preference mask values
 # Files a writer creates (shards, side files, their temporaries): the only ones it ever deletes.
 _OURS = re.compile(r"^(shard-\d{5}\.(bin|idx|mask|rows)|\.shard-\d{5}\.(bin|idx|mask|rows)\.tmp"
@@ -578,6 +580,9 @@ def _fill_cache(directory: Path, identity: dict[str, Any], rows: RowSource, toke
         raise DataFormatError(f"{rows.source} changed while it was read (fingerprint {loaded.fingerprint[:12]}… "
                               f"!= {rows.fingerprint[:12]}…)")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(f".{directory.name}.tmp-*"):  # left by a killed run long ago
+        if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_S:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         write_chat_shards(tmp, loaded, tokenizer, settings, allow_empty=True, copy_tokenizer=False,

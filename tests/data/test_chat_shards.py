@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,15 @@ def test_runs_started_together_share_one_whole_cache_directory(tmp_path, tok, ca
     verify_chat_shards(directory)
     assert [e.input_ids for e in results[0][0].sft_examples()] == [e.input_ids for e in ChatShards(
         directory).sft_examples()]
+
+
+def test_only_old_temporaries_of_killed_runs_are_removed(tmp_path, tok):
+    rows = _rows(chat_rows())
+    settings = ChatSettings("sft", 128)
+    directory = chat_shards.cache_dir(chat_shards.encoding_identity(rows.fingerprint, tok, settings))
+    old, recent = (directory.parent / f".{directory.name}.tmp-{x}" for x in ("old", "recent"))
+    for d in (old, recent):
+        d.mkdir(parents=True)
+    os.utime(old, (0, 0))
+    cached_shards(RowSource("rows", rows.fingerprint, lambda: rows), tok, settings)
+    assert not old.exists() and recent.exists()  # a run writing right now keeps its temporary
