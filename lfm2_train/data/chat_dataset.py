@@ -113,8 +113,9 @@ def dataset_files(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"chat dataset {p} does not exist")
     if _is_saved_dataset(p):
         return [f for f in p.rglob("*") if f.is_file()]
-    if p.is_dir():
-        return [f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.parts)]
+    if p.is_dir():  # hidden files inside the dataset are not data; a hidden directory above it is fine
+        return [f for f in p.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
     if p.suffix.lower() not in _BUILDERS:
         raise ValueError(f"chat dataset {p}: unknown file type {p.suffix!r}; use one of {sorted(_BUILDERS)}")
     return [p]

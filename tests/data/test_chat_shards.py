@@ -17,7 +17,7 @@ import pytest
 from data_pipelines.chat_shards import run as run_job
 from data_pipelines.curriculum import build_order
 from lfm2_train.data import chat_shards
-from lfm2_train.data.chat_dataset import ChatRows, encode_rows, load_chat_rows, rows_fingerprint
+from lfm2_train.data.chat_dataset import ChatRows, dataset_fingerprint, encode_rows, load_chat_rows, rows_fingerprint
 from lfm2_train.data.chat_shards import (
     ChatSettings,
     ChatShards,
@@ -329,3 +329,13 @@ def test_only_old_temporaries_of_killed_runs_are_removed(tmp_path, tok):
     os.utime(old, (0, 0))
     cached_shards(RowSource("rows", rows.fingerprint, lambda: rows), tok, settings)
     assert not old.exists() and recent.exists()  # a run writing right now keeps its temporary
+
+
+def test_a_dataset_directory_under_a_hidden_directory_is_fingerprinted_by_its_files(tmp_path):
+    a, b = tmp_path / ".data" / "a", tmp_path / ".data" / "b"
+    for directory, rows in ((a, chat_rows()[:3]), (b, chat_rows()[3:6])):
+        directory.mkdir(parents=True)
+        write_jsonl(directory / "chat.jsonl", rows)
+    (a / ".notes").write_text("not data")
+    assert dataset_fingerprint(a) != dataset_fingerprint(b)  # they key different cache directories
+    assert dataset_fingerprint(a) == load_chat_rows(a).fingerprint
