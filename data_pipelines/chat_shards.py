@@ -30,13 +30,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from lfm2_train.data.chat_dataset import load_chat_rows
-from lfm2_train.data.chat_shards import (
-    DEFAULT_SHARD_TOKENS,
-    ChatSettings,
-    ChatShards,
-    example_difficulty,
-    write_chat_shards,
-)
+from lfm2_train.data.chat_shards import DEFAULT_SHARD_TOKENS, ChatSettings, ChatShards, write_chat_shards
+from lfm2_train.data.chat_sources import example_difficulty
 from lfm2_train.data.format import save_order, save_scores
 from lfm2_train.tokenizer import LFM2Tokenizer, tiny_tokenizer_path
 

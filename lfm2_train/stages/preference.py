@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.chat_shards import open_preference
+from ..data.chat_sources import open_preference
 from ..data.packed import split_documents
 from ..data.preference import (
     EncodedPair,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.chat_dataset import ChatRows, EncodedRows, load_difficulty
-from ..data.chat_shards import open_sft
+from ..data.chat_sources import open_sft
 from ..data.format import ShardReader, check_compatible, load_manifest
 from ..data.mixed_stream import MixedStream
 from ..data.pacing import PacingConfig

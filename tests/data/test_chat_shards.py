@@ -16,17 +16,17 @@ import pytest
 
 from data_pipelines.chat_shards import run as run_job
 from data_pipelines.curriculum import build_order
-from lfm2_train.data import chat_shards
+from lfm2_train.data import chat_sources
 from lfm2_train.data.chat_dataset import ChatRows, dataset_fingerprint, encode_rows, load_chat_rows, rows_fingerprint
 from lfm2_train.data.chat_shards import (
     ChatSettings,
     ChatShards,
     ChatShardsError,
-    RowSource,
-    cached_shards,
+    encoding_identity,
     verify_chat_shards,
     write_chat_shards,
 )
+from lfm2_train.data.chat_sources import RowSource, cache_dir, cached_shards
 from lfm2_train.data.format import MANIFEST, DataFormatError, ShardReader
 from lfm2_train.data.jsonl_check import DataFileError
 from lfm2_train.data.packed import split_documents
@@ -237,7 +237,7 @@ def test_a_second_run_reads_the_cache_without_tokenising(inputs, tmp_path, cache
 
     with monkeypatch.context() as patch:
         patch.setattr(LFM2Tokenizer, "encode", counting)
-        patch.setattr(chat_shards, "load_chat_rows", no_parsing)
+        patch.setattr(chat_sources, "load_chat_rows", no_parsing)
         assert job_digests(kind, compose_config(kind, overrides, tmp_path / "b")) == REFERENCE["sft_epochs"]
     assert calls["encode"] == 0
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == mtimes
@@ -322,7 +322,7 @@ def test_runs_started_together_share_one_whole_cache_directory(tmp_path, tok, ca
 def test_only_old_temporaries_of_killed_runs_are_removed(tmp_path, tok):
     rows = _rows(chat_rows())
     settings = ChatSettings("sft", 128)
-    directory = chat_shards.cache_dir(chat_shards.encoding_identity(rows.fingerprint, tok, settings))
+    directory = cache_dir(encoding_identity(rows.fingerprint, tok, settings))
     old, recent = (directory.parent / f".{directory.name}.tmp-{x}" for x in ("old", "recent"))
     for d in (old, recent):
         d.mkdir(parents=True)
