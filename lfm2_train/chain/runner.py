@@ -26,7 +26,7 @@ from .spec import ChainSpec, Step, substitute
 MARKER = "chain_step.json"
 # Data jobs that write into their own output directory (the others add files to a dataset directory).
 _OWN_OUTPUT = {"train_tokenizer": "output_dir", "tokenize": "output_dir", "preference_pairs": "output_dir",
-               "sft_difficulty": "output_dir"}
+               "sft_difficulty": "output_dir", "chat_shards": "output_dir"}
 
 
 @dataclass

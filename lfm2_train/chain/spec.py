@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from ..config.paths import chain_path
 
 # The data jobs a chain step may run (the runner finds them by name through lfm2_train.jobs).
-DATA_JOBS = ("train_tokenizer", "tokenize", "scoring", "curriculum", "preference_pairs", "sft_difficulty")
+DATA_JOBS = ("train_tokenizer", "tokenize", "scoring", "curriculum", "preference_pairs", "sft_difficulty",
+             "chat_shards")
 BUILTIN_JOBS = ("export",)
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -60,7 +60,7 @@ class PacingSchema:
 class DataConfig:
     """A tokenized dataset directory (see `lfm2_train/data/format.py`); None = the bundled corpus."""
 
-    path: str | None = None
+    path: str | None = None  # token shards (None = bundled corpus); sft/preference: chat shards (None = stage.dataset)
     tokenizer: str | None = None  # None: the dataset's recorded tokenizer / the bundled one
     seq_len: int = 256
     order: str | None = None  # name of a curriculum order file under <path>/order/; None = seeded shuffle

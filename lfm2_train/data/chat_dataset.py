@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,27 +85,46 @@ def load_chat_rows(path: str | Path | None, *, split: str = "train", bundled_n: 
     import datasets
 
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"chat dataset {p} does not exist")
+    files = dataset_files(p)
     for f in jsonl_files(p):  # name the file and line of a broken row (datasets' own errors name neither)
         check_jsonl(f, what="chat dataset")
-    if p.is_dir() and (p / "dataset_info.json").is_file() and (p / "state.json").is_file():
+    if _is_saved_dataset(p):
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise KeyError(f"{p} has no split {split!r}; splits: {sorted(ds)}")
             ds = ds[split]
-        files = [f for f in p.rglob("*") if f.is_file()]
     elif p.is_dir():
         ds = datasets.load_dataset(str(p), split=split, cache_dir=cache_dir)
-        files = [f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.parts)]
     else:
-        builder = _BUILDERS.get(p.suffix.lower())
-        if builder is None:
-            raise ValueError(f"chat dataset {p}: unknown file type {p.suffix!r}; use one of {sorted(_BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir)
-        files = [p]
+        ds = datasets.load_dataset(_BUILDERS[p.suffix.lower()], data_files=str(p), split="train", cache_dir=cache_dir)
     return ChatRows(ds.to_list(), _sha256_files(files), str(p))
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and (p / "dataset_info.json").is_file() and (p / "state.json").is_file()
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    """The files `load_chat_rows` reads from `path`, whose bytes are the dataset's fingerprint; raises for a
+    missing path or an unknown file type (before anything is read)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"chat dataset {p} does not exist")
+    if _is_saved_dataset(p):
+        return [f for f in p.rglob("*") if f.is_file()]
+    if p.is_dir():  # hidden files inside the dataset are not data; a hidden directory above it is fine
+        return [f for f in p.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    if p.suffix.lower() not in _BUILDERS:
+        raise ValueError(f"chat dataset {p}: unknown file type {p.suffix!r}; use one of {sorted(_BUILDERS)}")
+    return [p]
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """`ChatRows.fingerprint` of the file or directory at `path`, from its bytes alone (no parsing), so a
+    content-keyed cache can be found without loading the rows."""
+    return _sha256_files(dataset_files(path))
 
 
 @dataclass
@@ -122,22 +141,34 @@ class EncodedRows:
         return f"{self.n_rows} rows, {len(self.examples)} usable; skipped: {why}"
 
 
+def iter_encoded(tokenizer: LFM2Tokenizer, data: ChatRows, *, max_length: int, messages_field: str = "messages",
+                 tools_field: str | None = "tools", start: int = 0) -> Iterator[tuple[int, EncodedChat | str]]:
+    """(row, its encoding or its skip reason) for every row from `start` on, in order: the one encoding loop
+    behind `encode_rows` and the chat-shard writer (which resumes mid-dataset)."""
+    messages = data.column(messages_field)
+    has_tools = tools_field is not None and bool(data.rows) and tools_field in data.rows[0]
+    tools = data.column(tools_field) if has_tools else [None] * len(data)
+    for i in range(start, len(data)):
+        try:
+            yield i, encode_conversation(tokenizer, messages[i], tools[i], max_length=max_length)
+        except ChatFormatError as err:
+            yield i, err.reason
+
+
 def encode_rows(tokenizer: LFM2Tokenizer, data: ChatRows, *, max_length: int, messages_field: str = "messages",
                 tools_field: str | None = "tools") -> EncodedRows:
     """Encode every row; unusable rows are counted by reason (see `chat.SKIP_REASONS`), never silently lost.
 
     Raises ValueError when no row is usable, naming the source and the reasons.
     """
-    messages = data.column(messages_field)
-    has_tools = tools_field is not None and bool(data.rows) and tools_field in data.rows[0]
-    tools = data.column(tools_field) if has_tools else [None] * len(data)
     examples, index, skipped = [], [], Counter()
-    for i, (msgs, tl) in enumerate(zip(messages, tools)):
-        try:
-            examples.append(encode_conversation(tokenizer, msgs, tl, max_length=max_length))
+    for i, encoded in iter_encoded(tokenizer, data, max_length=max_length, messages_field=messages_field,
+                                   tools_field=tools_field):
+        if isinstance(encoded, str):
+            skipped[encoded] += 1
+        else:
+            examples.append(encoded)
             index.append(i)
-        except ChatFormatError as err:
-            skipped[err.reason] += 1
     out = EncodedRows(examples, np.asarray(index, dtype=np.int64), skipped, len(data))
     if not examples:
         raise ValueError(f"{data.source}: no usable conversation ({out.describe()})")

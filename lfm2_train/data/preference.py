@@ -65,6 +65,7 @@ class PreferencePairs:
     fingerprint: str  # of the source rows (files' bytes)
     skipped: Counter = field(default_factory=Counter)
     n_rows: int = 0
+    shards: dict[str, Any] | None = None  # the chat shards they were read from (directory, manifest hash, cache)
 
     def __len__(self) -> int:
         return len(self.pairs)

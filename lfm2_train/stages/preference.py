@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.chat_sources import open_preference
 from ..data.ld_reference import ld_reference_logps
 from ..data.packed import split_documents
 from ..data.pair_batches import pair_batches
-from ..data.preference import PairStream, load_preference_pairs
+from ..data.preference import PairStream
 from ..data.ref_logps import reference_logps
 from ..engine.distributed import Runtime, builds_on_meta
 from ..engine.model_setup import build_model, lora_enabled, setup_lora
@@ -53,9 +54,6 @@ def _steps(epochs: float | None, n_train: int, pairs_per_step: int, max_steps: i
 def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, list[dict[str, torch.Tensor]]]:
     """-> (the job, its loss, a few training batches for the final pair metrics)."""
     stage, data_cfg, t = cfg.stage, cfg.data, cfg.trainer
-    if data_cfg.path is not None or data_cfg.order is not None:
-        raise ValueError("stage=preference reads pairs from stage.dataset; data.path / data.order are for token "
-                         "shards — unset them")
     loss = PreferenceLoss.from_config(
         OmegaConf.to_container(stage.losses, resolve=True), stage.beta, stage.label_smoothing, stage.margin,
         conventions=stage.conventions, nll_reduction=stage.nll_reduction, ld_alpha=stage.ld_alpha,
@@ -66,8 +64,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
         raise ValueError("stage=preference needs pi_ref: set model.init_from (the SFT checkpoint, also the "
                          "default reference) or stage.reference=<HF directory>; only simpo is reference-free")
     tokenizer = resolve_tokenizer(stage, cfg.model.init_from)
-    pairs = load_preference_pairs(stage.dataset, tokenizer, max_length=data_cfg.seq_len, split=stage.split,
-                                  plain_text=stage.plain_text, cache_dir=stage.cache_dir)
+    pairs = open_preference(stage, data_cfg, tokenizer, runtime)  # chat shards: data.path, or stage.dataset cached
     if runtime.is_main:
         print(f"preference: {pairs.describe()}")
     data_hash = pairs.data_hash()
@@ -132,7 +129,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> tuple[TrainJob, PairLoss, li
         "conventions": loss.conventions, "nll_reduction": loss.nll_reduction, "ld_alpha": loss.ld_alpha,
         "f_divergence_type": loss.f_divergence_type, "f_alpha_divergence_coef": loss.f_alpha_divergence_coef,
         "discopop_tau": loss.discopop_tau,
-        "lora": lora.to_peft_dict() if lora else None,
+        "lora": lora.to_peft_dict() if lora else None, "chat_shards": pairs.shards,
     }
     job = TrainJob(model=model, train=stream, loss_fn=pair_loss, val_batches=val_batches, tokenizer=tokenizer,
                    inputs=inputs, lora=lora)

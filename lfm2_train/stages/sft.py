@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from ..data.chat_dataset import encode_rows, load_chat_rows
+from ..data.chat_sources import open_sft
 from ..data.mixed_stream import MixedStream
 from ..data.packed import split_documents
 from ..data.replay import replay_stream
@@ -33,9 +33,6 @@ from ..tokenizer import resolve_tokenizer
 
 def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     stage, data_cfg, t = cfg.stage, cfg.data, cfg.trainer
-    if data_cfg.path is not None or data_cfg.order is not None:
-        raise ValueError("stage=sft reads chat data from stage.dataset (and orders it with stage.curriculum); "
-                         "data.path / data.order are for token shards — unset them")
     model = build_model(cfg.model, meta=builds_on_meta(cfg))
     if data_cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={data_cfg.seq_len} exceeds the model's max_position_embeddings="
@@ -44,11 +41,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
-    data = load_chat_rows(stage.dataset, split=stage.split, bundled_n=stage.bundled_rows,
-                          bundled_seed=stage.bundled_seed, bundled_levels=stage.bundled_levels,
-                          cache_dir=stage.cache_dir)
-    encoded = encode_rows(tokenizer, data, max_length=data_cfg.seq_len + 1, messages_field=stage.messages_field,
-                          tools_field=stage.tools_field)
+    data, encoded = open_sft(stage, data_cfg, tokenizer, runtime)  # chat shards: data.path, or stage.dataset cached
     if runtime.is_main:
         print(f"sft: {data.source}: {encoded.describe()}")
 
@@ -59,6 +52,8 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         raise ValueError(f"curriculum ({curriculum}): {len(missing)} usable rows have no difficulty "
                          f"(first: row {int(missing[0])}); score them or predict them with method=classifier")
     order = curriculum_order(example_difficulty, cfg)
+    if data.order is not None:  # data.order of data.path's chat shards
+        order, curriculum = data.order, data.curriculum
     n = len(encoded.examples)
     train, val = split_documents(n, data_cfg.val_fraction, data_cfg.val_max_documents, data_cfg.seed)
     rows_per_step = t.micro_batch_size * runtime.world_size * t.grad_accum
@@ -81,6 +76,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         "skipped": dict(sorted(encoded.skipped.items())), "train_conversations": int(len(train)),
         "val_conversations": int(len(val)), "epochs": stage.epochs, "curriculum": curriculum,
         "embedding_dropout": stage.embedding_dropout, "lora": lora.to_peft_dict() if lora else None,
+        "chat_shards": data.inputs,
     }
     train: Any = SFTStream(encoded.examples, sequence, data_cfg.seq_len, tokenizer.pad_token_id)
     if stage.mix_pretrain > 0:
