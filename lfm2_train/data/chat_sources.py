@@ -282,28 +282,29 @@ def open_preference(stage: DictConfig, data: DictConfig, tokenizer: LFM2Tokenize
 
 # ---------------------------------------------------------------------------------------------- difficulty
 def example_difficulty(rows: Any, row_index: np.ndarray, *, source: str, column: str = "difficulty",
-                       file: str | None = None) -> tuple[np.ndarray | None, dict[str, Any]]:
+                       file: str | None = None, keys: str = "difficulty") -> tuple[np.ndarray | None, dict[str, Any]]:
     """Difficulty (higher = harder) of each example, from a row column or a `sft_difficulty` file checked
-    against the rows' fingerprint — the rule of `stage.curriculum` — with what to record about it."""
+    against the rows' fingerprint, with what to record about it. One rule for `stage.curriculum` and the
+    `chat_shards` job; `keys` is where the caller's settings live (`stage.curriculum`), for the errors."""
     if source == "none":
         return None, {"source": "none"}
     if source == "column":
         try:
             values = np.array(rows.column(column), dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"difficulty column {column!r}: values are not numbers ({err})") from err
+            raise ValueError(f"{keys}.column={column!r}: values are not numbers ({err})") from err
         record: dict[str, Any] = {"source": "column", "column": column}
     elif source == "file":
         if not file:
-            raise ValueError("difficulty source=file needs file=<difficulty file>")
+            raise ValueError(f"{keys}.source=file needs {keys}.file=<difficulty file>")
         values, header = load_difficulty(file, dataset_fingerprint=rows.fingerprint, n_rows=len(rows),
                                          require_complete=False)  # only the usable rows need a value
         record = {"source": "file", "file": str(file), "method": header["method"], "file_sha256": sha256_file(file)}
     else:
-        raise ValueError(f"difficulty source={source!r}; choose none, column or file")
+        raise ValueError(f"{keys}.source={source!r}; choose one of ['none', 'column', 'file']")
     per_example = values[row_index]
     if np.isnan(per_example).any():
         missing = row_index[np.isnan(per_example)]
-        raise ValueError(f"difficulty ({record}): {len(missing)} usable rows have no difficulty (first: row "
+        raise ValueError(f"curriculum ({record}): {len(missing)} usable rows have no difficulty (first: row "
                          f"{int(missing[0])}); score them or predict them with method=classifier")
     return per_example, record

@@ -10,35 +10,19 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ..artifacts import sha256_file
-from .chat_dataset import ChatRows, EncodedRows, load_difficulty
+from .chat_dataset import EncodedRows
+from .chat_sources import example_difficulty
 from .curriculum_order import build_order
 from .pacing import PacingConfig
 from .sft_stream import count_rows, positions_needed
 from .training_sequence import training_sequence
 
-CURRICULUM_SOURCES = ("none", "column", "file")
 
-
-def row_difficulty(cfg: DictConfig, data: ChatRows) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """Per-row difficulty (higher = harder) from the configured source, with what to record about it."""
+def row_difficulty(cfg: DictConfig, data: Any, row_index: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Difficulty (higher = harder) of each usable example under `stage.curriculum`, with what to record."""
     cur = cfg.stage.curriculum
-    if cur.source not in CURRICULUM_SOURCES:
-        raise ValueError(f"stage.curriculum.source={cur.source!r}; choose one of {list(CURRICULUM_SOURCES)}")
-    if cur.source == "none":
-        return None, {"source": "none"}
-    if cur.source == "column":
-        try:
-            values = np.array(data.column(cur.column), dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"stage.curriculum.column={cur.column!r}: values are not numbers ({err})") from err
-        return values, {"source": "column", "column": cur.column}
-    if not cur.file:
-        raise ValueError("stage.curriculum.source=file needs stage.curriculum.file=<difficulty file>")
-    values, header = load_difficulty(cur.file, dataset_fingerprint=data.fingerprint, n_rows=len(data),
-                                     require_complete=False)  # only the usable rows need a value
-    return values, {"source": "file", "file": str(cur.file), "method": header["method"],
-                    "file_sha256": sha256_file(cur.file)}
+    return example_difficulty(data, row_index, source=cur.source, column=cur.column, file=cur.file,
+                              keys="stage.curriculum")
 
 
 def curriculum_order(difficulty: np.ndarray | None, cfg: DictConfig) -> np.ndarray | None:

@@ -32,6 +32,11 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
         raise ValueError(needs("midtrain", "model.init_from=<pretrain run>/final (it continues a pre-training run)"))
     dataset_dir, tokenizer_dir = resolve_dataset(data, runtime)
     manifest = load_manifest(dataset_dir)
+    chat = manifest.extra.get("chat")
+    if chat is not None:  # conversations with label masks: packed as plain documents they would lose both
+        raise DataFormatError(f"data.path={dataset_dir} holds {chat.get('kind', 'chat')} chat shards "
+                              f"(data_pipelines.chat_shards) for stage={chat.get('kind', 'sft')}; stage="
+                              f"{cfg.stage.name} reads token shards written by data_pipelines.tokenize")
     if data.verify_hashes:
         verify_shards(dataset_dir, manifest)
     tokenizer = LFM2Tokenizer.from_pretrained(tokenizer_dir)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from ..data.chat_sources import open_sft
@@ -45,12 +44,7 @@ def build_job(cfg: DictConfig, runtime: Runtime) -> TrainJob:
     if runtime.is_main:
         print(f"sft: {data.source}: {encoded.describe()}")
 
-    difficulty, curriculum = row_difficulty(cfg, data)
-    example_difficulty = difficulty[encoded.row_index] if difficulty is not None else None
-    if example_difficulty is not None and np.isnan(example_difficulty).any():
-        missing = encoded.row_index[np.isnan(example_difficulty)]
-        raise ValueError(f"curriculum ({curriculum}): {len(missing)} usable rows have no difficulty "
-                         f"(first: row {int(missing[0])}); score them or predict them with method=classifier")
+    example_difficulty, curriculum = row_difficulty(cfg, data, encoded.row_index)
     order = curriculum_order(example_difficulty, cfg)
     if data.order is not None:  # data.order of data.path's chat shards
         order, curriculum = data.order, data.curriculum

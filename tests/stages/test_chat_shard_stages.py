@@ -121,3 +121,12 @@ def test_bad_chat_shard_configs_are_named(tmp_path, data, kind, overrides, match
     build = build_sft_job if kind == "sft" else build_preference_job
     with pytest.raises((ValueError, DataFormatError), match=match):
         build(cfg, Runtime())
+
+
+def test_pretraining_refuses_chat_shards(tmp_path, data):
+    """Conversations packed as plain documents would lose their label masks and separators: refused by name."""
+    cfg = _cfg(["stage=pretrain", "logger=disabled", "trainer.progress_bar=false", "model=tiny",
+                "trainer.max_steps=1"], tmp_path / "pre", f"data.path={data['sft']}")
+    with pytest.raises(DataFormatError, match="holds sft chat shards.*data_pipelines.tokenize"):
+        run_stage(cfg)
+    assert not (tmp_path / "pre" / "final").exists()
