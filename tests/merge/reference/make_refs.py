@@ -8,8 +8,8 @@ halves, run once each; only their small outputs are committed:
     PYTHONPATH=. python tests/merge/reference/make_refs.py inputs
     # 2. mergekit: every configs/*.yaml merged by mergekit's own run_merge -> expected/<name>.safetensors,
     #    and statistics of its random-drop methods (DARE, DELLA) on larger tensors -> mergekit_stats.json
-    python -m venv /work/venvs/mergekit && /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit
-    /work/venvs/mergekit/bin/python tests/merge/reference/make_refs.py mergekit
+    python -m venv /tmp/mergekit-venv && /tmp/mergekit-venv/bin/pip install torch==2.13.0 mergekit
+    /tmp/mergekit-venv/bin/python tests/merge/reference/make_refs.py mergekit
 
 The YAML files in configs/ are plain mergekit configurations (model paths relative to configs/); the
 test runs the very same files through `load_merge_config`. Generated with mergekit 0.1.5, torch 2.13.0.
