@@ -457,8 +457,9 @@ def bench(args: argparse.Namespace, llama_cpp: ModuleType) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(CPU_FLAGS)
+    params = f", {result['params'] / 1e6:.1f}M parameters" if result["params"] else ""
     lines = [
-        f"{result['model']}, {result['params'] / 1e6:.1f}M parameters. {m['cpu']} ({flags}), "
+        f"{result['model']}{params}. {m['cpu']} ({flags}), "
         f"{m['logical_cpus']} logical CPUs, {m['threads']} threads; {m['date']}; load average "
         f"{m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end. Copy bandwidth "
         f"{result['copy_bandwidth_gb_s']:.1f} GB/s. torch {m['torch']}, llama-cpp-python {m['llama_cpp_python']} "
