@@ -5,13 +5,15 @@ against. One checkpoint (default: the `lfm2-350m` preset, random init, seeded; o
 with our GGUF exporter (`lfm2_train.export.export_gguf`) to every llama.cpp type a mode needs, and both
 engines run batch 1 with the same thread count (`--threads`):
 
-| mode  | ours (`FastLFM2.from_model`)      | llama.cpp file |
-|-------|-----------------------------------|----------------|
-| f32   | `dtype=torch.float32`             | f32            |
-| bf16  | `dtype=torch.bfloat16`            | bf16 (f16 with `dtype=torch.float16` if the build cannot load bf16) |
-| int8  | weight-only int8 (`quant="int8"`) | q8_0           |
-| w8a8  | int8 weights and activations      | q8_0           |
-| q4_0  | 4-bit blocks (`quant="q4_0"`)      | q4_0           |
+| mode | ours (`FastLFM2.from_model`)                      | llama.cpp file |
+|------|---------------------------------------------------|----------------|
+| f32  | `dtype=torch.float32`                             | f32            |
+| bf16 | `dtype=torch.bfloat16`                            | bf16 (*)       |
+| int8 | weight-only int8 (`quant="int8"`, or `int8=True`) | q8_0           |
+| w8a8 | int8 weights and activations (`quant="w8a8"`)     | q8_0           |
+| q4_0 | 4-bit blocks (`quant="q4_0"`)                     | q4_0           |
+
+(*) If the llama.cpp build cannot load a bf16 file, the row becomes f16 vs `dtype=torch.float16`.
 
 A mode whose `quant` value the installed fast path does not accept is reported as not available and skipped.
 
@@ -20,10 +22,10 @@ Per mode and prompt length T: prefill = a fresh state / cache and one pass over 
 single-token steps with greedy argmax over the last logits, tokens/s = steps / time. Each engine runs in its
 own worker process, loaded once per mode and warmed up once; the parent then has them run strictly
 alternating (ours, theirs, ours, theirs, ...; one computes while the other waits on its pipe) for `--reps`
-repetitions; tok/s are medians. llama.cpp runs as llama-cpp-python users get it by default: `n_batch` = `n_ubatch` = 512
-(the prompt goes through in 512-token batches, as our `prefill_chunk` of 512; llama-cli's default
-`n_batch` of 2048 splits into the same 512-token ubatches), f16 KV cache, flash attention off,
-`logits_all=False` (logits of the last position only, read with `llama_get_logits_ith`).
+repetitions; tok/s are medians. llama.cpp runs as llama-cpp-python users get it by default:
+`n_batch` = `n_ubatch` = 512 (the prompt goes through in 512-token batches, as our `prefill_chunk` of 512;
+llama-cli's default `n_batch` of 2048 splits into the same 512-token ubatches), f16 KV cache, flash
+attention off, `logits_all=False` (logits of the last position only, read with `llama_get_logits_ith`).
 
 Greedy agreement: how many of the first `--decode` greedy tokens (the prefill's argmax, then each decode
 step's) agree before the first difference, between the two engines and against our fp32 path.
