@@ -3,7 +3,7 @@
 Why a second implementation: the training model is written for autograd, packing and distributed wrappers;
 decode on a CPU is instead bound by the bytes of weights streamed per token and by per-op overhead. Here:
 - weights are re-laid out once: fused QKV and fused w1|w3 (one matrix-vector product instead of three / two),
-  optionally weight-only int8 (`quant.Int8Linear`);
+  optionally quantized (`quant.py`: weight-only int8, W8A8 or q4_0; `quant=`);
 - all state is preallocated (KV for attention layers, a (k-1)-token window for conv layers, RoPE tables), and a
   decode step is a straight sequence of tensor ops — no layout objects, no mask building without padding;
 - decode's matrix-vector products, GQA attention (no repeated K/V copies), and in fp32 its RMSNorms and conv
@@ -15,7 +15,7 @@ decode on a CPU is instead bound by the bytes of weights streamed per token and 
 - prefill runs in chunks (`prefill_chunk` tokens), so activations stay cache-sized.
 
 Public API (used by generation, eval and search):
-    fast = FastLFM2.from_model(model, dtype=torch.bfloat16, int8=False)
+    fast = FastLFM2.from_model(model, dtype=torch.bfloat16, quant=None)    # quant: int8 | w8a8 | q4_0
     state = fast.new_state(batch_size, max_length)
     logits = fast.prefill(state, ids, attention_mask)   # (B, V) fp32, last position
     logits = fast.decode(state, next_ids)                # (B, V) fp32
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
 from ..model.cache import reorder_rows
 from . import native
-from .quant import Int8Linear
+from .quant import QUANT_MODES, QuantLinear, make_quantized
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 # Products with more rows than this count as GEMMs (prefill) rather than matrix-vector products (decode).
@@ -73,9 +73,9 @@ class DenseLinear:
         return native.gemm(x, self.weight)
 
 
-def _make_linear(weight: torch.Tensor, dtype: torch.dtype, int8: bool, use_native: bool
-                 ) -> DenseLinear | Int8Linear:
-    return Int8Linear(weight, use_native) if int8 else DenseLinear(weight.to(dtype), use_native)
+def _make_linear(weight: torch.Tensor, dtype: torch.dtype, quant: str | None, use_native: bool
+                 ) -> DenseLinear | QuantLinear:
+    return make_quantized(weight, quant, use_native) if quant else DenseLinear(weight.to(dtype), use_native)
 
 
 def resolve_kernels(kernels: str) -> bool:
@@ -132,12 +132,12 @@ class FastState:
 class _Layer:
     """One decoder layer's weights, re-laid out for inference."""
 
-    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, int8: bool,
+    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, quant: str | None,
                  use_native: bool) -> None:
         cfg = model.config
 
-        def linear(weight: torch.Tensor) -> DenseLinear | Int8Linear:
-            return _make_linear(weight.detach(), dtype, int8, use_native)
+        def linear(weight: torch.Tensor) -> DenseLinear | QuantLinear:
+            return _make_linear(weight.detach(), dtype, quant, use_native)
 
         layer = model.model.layers[idx]
         self.is_attention = cfg.layer_types[idx] == ATTENTION
@@ -162,7 +162,7 @@ class _Layer:
         self.moe = cfg.is_moe_layer(idx)
         ff = layer.feed_forward
         if self.moe:
-            # Router and experts keep the float dtype (int8 covers the dense products).
+            # Router and experts keep the float dtype (quantization covers the dense products).
             self.gate = ff.gate.weight.detach().to(act)
             self.expert_bias = ff.expert_bias.detach().float() if ff.use_expert_bias else None
             self.top_k, self.norm_topk, self.routed_scale = ff.top_k, ff.norm_topk, ff.scaling
@@ -174,7 +174,7 @@ class _Layer:
             self.w13 = linear(torch.cat([ff.w1.weight, ff.w3.weight], dim=0))
             self.w2 = linear(ff.w2.weight)
 
-    def linears(self) -> list[DenseLinear | Int8Linear]:
+    def linears(self) -> list[DenseLinear | QuantLinear]:
         names = ("qkv", "in_proj", "out_proj", "w13", "w2")
         return [getattr(self, n) for n in names if hasattr(self, n)]
 
@@ -186,15 +186,18 @@ class _Layer:
 class FastLFM2:
     """Inference-only LFM2 on plain tensors; see the module docstring for what makes it fast."""
 
-    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, int8: bool, prefill_chunk: int,
+    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, quant: str | None, prefill_chunk: int,
                  kernels: str = "auto") -> None:
         cfg: LFM2Config = model.config
         if prefill_chunk < 1:
             raise ValueError(f"FastLFM2 prefill_chunk must be >= 1, got {prefill_chunk}")
         self.config = cfg
-        self.dtype = dtype  # float dtype of weights (and of activations unless int8)
-        self.int8 = int8
-        # int8 keeps activations / state in `dtype` (fp32 by default); only matrix operands are int8.
+        if quant is not None and quant not in QUANT_MODES:
+            raise ValueError(f"FastLFM2 quant must be None or one of {QUANT_MODES}, got {quant!r}")
+        self.dtype = dtype  # float dtype of unquantized weights and of activations
+        self.quant = quant
+        self.int8 = quant == "int8"
+        # Quantized modes keep activations / state in `dtype` (fp32 by default); only the projections change.
         self.act_dtype = dtype
         self.prefill_chunk = prefill_chunk
         self.use_native = resolve_kernels(kernels)  # before any weight is copied: `native` may refuse
@@ -208,16 +211,16 @@ class FastLFM2:
         if self.device.type != "cpu":
             raise ValueError(f"FastLFM2 is a CPU path; the model is on {self.device}")
         with torch.no_grad():
-            self.layers = [_Layer(model, i, dtype, self.act_dtype, int8, self.use_native)
+            self.layers = [_Layer(model, i, dtype, self.act_dtype, quant, self.use_native)
                            for i in range(cfg.num_hidden_layers)]
             self.final_norm = model.model.embedding_norm.weight.detach().to(self.act_dtype)
             embed = model.model.embed_tokens.weight.detach()
             head = model.lm_head.weight.detach()
-            self.head = _make_linear(head, dtype, int8, self.use_native)
+            self.head = _make_linear(head, dtype, quant, self.use_native)
             tied = head.data_ptr() == embed.data_ptr()
-            # Tied int8: look embeddings up in the quantized head (one table); float: share the same tensor.
-            if tied and isinstance(self.head, Int8Linear):
-                self.embed_q: Int8Linear | None = self.head
+            # Tied and quantized: look embeddings up in the quantized head (one table); float: share the tensor.
+            if tied and not isinstance(self.head, DenseLinear):
+                self.embed_q: QuantLinear | None = self.head
                 self.embed = None
             elif tied:
                 self.embed_q, self.embed = None, self.head.weight
@@ -227,12 +230,15 @@ class FastLFM2:
         self._cos = self._sin = torch.empty(0)
 
     @classmethod
-    def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, int8: bool = False,
-                   prefill_chunk: int = 512, kernels: str = "auto") -> FastLFM2:
+    def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, quant: str | None = None,
+                   int8: bool = False, prefill_chunk: int = 512, kernels: str = "auto") -> FastLFM2:
         """Copy `model`'s weights into the inference layout.
 
-        `dtype`: float dtype of weights and activations (default: the model's). `int8`: weight-only int8 for
-        every dense projection and the LM head (per-row scales); activations then stay in `dtype`.
+        `dtype`: float dtype of weights and activations (default: the model's). `quant`: quantize every dense
+        projection and the LM head (MoE experts and the router stay float): "int8" (weight-only, per-row
+        scales), "w8a8" (int8 weights and per-token int8 activations) or "q4_0" (4-bit blocks of 32); see
+        `inference.quant`. Activations between the projections stay in `dtype`. `int8=True` is the older
+        spelling of quant="int8".
         `kernels`: matrix-vector products of decode through the native kernels (`native`: required; `auto`:
         when they build on this machine) or through `F.linear` (`torch`); see `inference.native`.
         """
@@ -240,7 +246,9 @@ class FastLFM2:
             dtype = model.model.embed_tokens.weight.dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"FastLFM2 dtype must be a float dtype, got {dtype}")
-        return cls(model, dtype, int8, prefill_chunk, kernels)
+        if int8 and quant not in (None, "int8"):
+            raise ValueError(f"FastLFM2: int8=True means quant='int8'; it contradicts quant={quant!r}")
+        return cls(model, dtype, "int8" if int8 else quant, prefill_chunk, kernels)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -326,8 +334,7 @@ class FastLFM2:
     # ------------------------------------------------------------------ the network
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed_q is not None:
-            q = self.embed_q
-            return (q.q[ids].float() * q.scale[ids][..., None]).to(self.act_dtype)
+            return self.embed_q.rows(ids).to(self.act_dtype)
         return self.embed[ids].to(self.act_dtype)
 
     def _forward(self, state: FastState, ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

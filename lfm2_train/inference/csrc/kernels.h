@@ -1,0 +1,46 @@
+/* Shared definitions of the decode kernels (decode.c, int8_gemv.c, bf16_gemv.c, cpu.c).
+ *
+ * ISA levels: the whole library is built for x86-64 with AVX2 + FMA + F16C (every CPU with AVX2 that torch
+ * runs its AVX2 kernels on). Functions for wider instruction sets carry `LFM2_TARGET_AVX512` and are only
+ * called when `lfm2_cpu_features()` says the CPU has them, so one library runs on AVX2-only CPUs too. A
+ * compiler too old for those targets compiles them out (`LFM2_HAVE_AVX512` is 0), and the feature bits say
+ * so. The caller (native.py) picks the variant per kernel: `isa` arguments are LFM2_ISA_* values.
+ */
+#ifndef LFM2_KERNELS_H
+#define LFM2_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define LFM2_ROWS 8 /* weight rows read side by side by every matrix-vector kernel */
+
+/* Feature bits of lfm2_cpu_features(): what this CPU has AND this build can use. */
+enum {
+    LFM2_FEAT_AVX2 = 1,        /* AVX2 + FMA + F16C: the baseline of every x86 kernel */
+    LFM2_FEAT_AVX512 = 2,      /* AVX512 F, BW, VL and VNNI: the 512-bit integer dot products */
+    LFM2_FEAT_AVX512_BF16 = 4, /* AVX512_BF16 on top of LFM2_FEAT_AVX512: vdpbf16ps */
+    LFM2_FEAT_NEON_DOTPROD = 8 /* aarch64 with the dot-product extension (vdotq_s32) */
+};
+
+/* The `isa` argument of the integer kernels. */
+enum { LFM2_ISA_AVX2 = 0, LFM2_ISA_AVX512 = 1, LFM2_ISA_NEON = 2 };
+
+#if defined(__x86_64__)
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define LFM2_HAVE_AVX512 1
+#define LFM2_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define LFM2_TARGET_AVX512_BF16 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma,f16c")))
+#else
+#define LFM2_HAVE_AVX512 0
+#endif
+#endif
+
+/* A 64-byte aligned scratch buffer of at least `bytes`, owned by the calling thread and reused by its
+ * next call (contents undefined). The kernels quantize or convert the activations into it once per call,
+ * before their parallel loop; the OpenMP workers only read it. Returns NULL when out of memory. */
+void *lfm2_workspace(size_t bytes);
+
+int lfm2_cpu_features(void);
+
+#endif
