@@ -8,19 +8,23 @@ docs/BENCHMARKS.md). The kernels are plain C with intrinsics and OpenMP, built w
 the way DeepSpeed builds its ops: once per source/flags/compiler, into a cache directory, atomically.
 The library is loaded with ctypes after torch, so it shares torch's OpenMP runtime and thread count.
 
-ISA dispatch: the library is built for AVX2 + FMA + F16C; kernels for wider instruction sets (AVX512 with
-VNNI for the int8 products, AVX512_BF16 for bf16) are compiled into the same library with per-function
-target attributes and used only where `cpu_features()` reports them, so one build runs on AVX2-only CPUs.
+ISA dispatch: on x86-64 the library is built for AVX2 + FMA + F16C; kernels for wider instruction sets
+(AVX512 with VNNI for the int8 products, AVX512_BF16 for bf16) are compiled into the same library with
+per-function target attributes and used only where `cpu_features()` reports them, so one build runs on
+AVX2-only CPUs. On aarch64 the integer kernels are NEON (with vdotq_s32 where the CPU has the dot-product
+extension) and the float ones plain C; any other CPU gets plain C throughout (`csrc/decode_generic.c`).
 Each kernel object picks its variant when it is created (`kernel_isa`), capped by `LFM2_KERNEL_ISA`.
 
-Nothing here is required: without a C compiler, on a CPU without AVX2/FMA, or with `LFM2_NATIVE_KERNELS=0`,
-`available()` is False, `unavailable_reason()` says why (logged once), and callers use torch ops (same
-results within fp32 rounding; bit-identical for w8a8).
+Nothing here is required: without a C compiler (or OpenMP: Apple's clang), on an x86 CPU without AVX2/FMA,
+or with `LFM2_NATIVE_KERNELS=0`, `available()` is False, `unavailable_reason()` says why (logged once), and
+callers use torch ops (same results within fp32 rounding; bit-identical for w8a8).
 
 Environment:
     LFM2_NATIVE_KERNELS=0      never build or load the kernels
-    LFM2_KERNEL_ISA=avx2       the widest instruction set the kernels may use (avx2 | avx512; default: the
-                               widest this CPU has) -- tests force avx2 to check that path on any CPU
+    LFM2_KERNEL_ISA=avx2       the widest instruction set the kernels may use (x86: avx2 | avx512; aarch64:
+                               neon | dotprod; default: the widest this CPU has) -- tests force avx2
+    LFM2_KERNEL_PORTABLE=1     build the plain C kernels only, as on CPUs other than x86-64 / aarch64 (tests
+                               check that code on x86 this way)
     LFM2_KERNEL_CACHE=DIR      where built libraries live (default ~/.cache/lfm2_train/kernels)
     CC=...                     the C compiler (default: cc, gcc or clang, first found)
 """
@@ -46,16 +50,20 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = tuple(sorted(CSRC.glob("*.c")))
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+X86_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 LDLIBS = ("-lm",)
 ENV_SWITCH = "LFM2_NATIVE_KERNELS"
 ENV_CACHE = "LFM2_KERNEL_CACHE"
 ENV_ISA = "LFM2_KERNEL_ISA"
-# Instruction-set levels of the kernels, narrowest first; the value of `isa` arguments and LFM2_KERNEL_ISA.
-ISA_LEVELS = ("avx2", "avx512")
+ENV_PORTABLE = "LFM2_KERNEL_PORTABLE"
+# Instruction-set levels per kind of build (lfm2_build_arch()), narrowest first: the values of `isa`
+# arguments and LFM2_KERNEL_ISA; a level's index is what the C entry points take.
+ISA_LEVELS = {"x86": ("avx2", "avx512"), "neon": ("neon", "dotprod"), "portable": ("generic",)}
+ALL_ISAS = tuple(name for levels in ISA_LEVELS.values() for name in levels)
+_ARCHES = ("x86", "neon", "portable")  # lfm2_build_arch() values
 # lfm2_cpu_features() bits (csrc/kernels.h)
-FEAT_AVX2, FEAT_AVX512, FEAT_AVX512_BF16 = 1, 2, 4
-_ISA_CODE = {"avx2": 0, "avx512": 1}
+FEAT_AVX2, FEAT_AVX512, FEAT_AVX512_BF16, FEAT_NEON_DOTPROD = 1, 2, 4, 8
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
@@ -70,13 +78,14 @@ _SIGNATURES = {
     "lfm2_conv_step_f32": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_max_threads": [],
     "lfm2_cpu_features": [],
+    "lfm2_build_arch": [],
     "lfm2_gemv_w8a8": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "lfm2_gemv_q4_0": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "lfm2_dequantize_q4_0": [_PTR, _PTR, _PTR, _I64, _I64],
 }
 # Present only when the compiler can target AVX512 (csrc/kernels.h: LFM2_HAVE_AVX512).
 _OPTIONAL = {"lfm2_gemv_bf16_avx512": [_PTR, _PTR, _PTR, _I64, _I64, _I64]}
-_RETURNS_INT = ("lfm2_max_threads", "lfm2_cpu_features", "lfm2_gemv_w8a8", "lfm2_gemv_q4_0",
+_RETURNS_INT = ("lfm2_max_threads", "lfm2_cpu_features", "lfm2_build_arch", "lfm2_gemv_w8a8", "lfm2_gemv_q4_0",
                 "lfm2_gemv_bf16_avx512")
 
 
@@ -95,9 +104,25 @@ def _compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
+def _portable() -> bool:
+    return os.environ.get(ENV_PORTABLE, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cflags() -> tuple[str, ...]:
+    """x86-64: the AVX2 baseline; plain C builds: -DLFM2_PORTABLE; aarch64: the compiler's default ARMv8."""
+    if _portable():
+        return (*CFLAGS, "-DLFM2_PORTABLE")
+    return (*CFLAGS, *X86_FLAGS) if _is_x86() else CFLAGS
+
+
 def _cpu_reason() -> str | None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernels are x86-64 AVX2 code; this machine is {platform.machine()}"
+    """Why this CPU cannot run the build `_cflags` makes (x86-64 needs AVX2/FMA), or None."""
+    if not _is_x86() or _portable():
+        return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2/FMA (torch reports capability {capability})"
@@ -107,8 +132,9 @@ def _cpu_reason() -> str | None:
 def _build(cc: str) -> Path:
     """Compile `SOURCES` once per (sources, flags, compiler); concurrent builders race harmlessly."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    flags = _cflags()
     text = b"".join(p.name.encode() + p.read_bytes() for p in (*SOURCES, *HEADERS))
-    key = hashlib.sha256(text + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f"lfm2_decode-{key}.so"
     if target.exists():
         return target
@@ -116,11 +142,11 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cc, *CFLAGS, *map(str, SOURCES), "-o", tmp, *LDLIBS]
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", tmp, *LDLIBS]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             names = " ".join(p.name for p in SOURCES)
-            raise OSError(f"`{cc} {' '.join(CFLAGS)} {names}` failed:\n{proc.stderr.strip()[-2000:]}")
+            raise OSError(f"`{cc} {' '.join(flags)} {names}` failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a reader sees no library or a whole one
     finally:
         if os.path.exists(tmp):
@@ -154,7 +180,7 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, AttributeError) as err:
         _reason = f"building or loading {' '.join(p.name for p in SOURCES)} failed: {err}"
         return None
-    if not lib.lfm2_cpu_features() & FEAT_AVX2:
+    if _ARCHES[lib.lfm2_build_arch()] == "x86" and not lib.lfm2_cpu_features() & FEAT_AVX2:
         _reason = "the CPU lacks AVX2/FMA (the kernels' baseline)"
         return None
     return lib
@@ -197,21 +223,31 @@ def cpu_features() -> int:
     return int(require().lfm2_cpu_features())
 
 
+def build_arch() -> str:
+    """What the loaded library was built as: "x86", "neon" (aarch64) or "portable" (plain C)."""
+    return _ARCHES[int(require().lfm2_build_arch())]
+
+
 def isas() -> tuple[str, ...]:
     """The ISA levels the kernels can run here, narrowest first (e.g. ("avx2", "avx512"))."""
-    return ("avx2", "avx512") if cpu_features() & FEAT_AVX512 else ("avx2",)
+    levels, feats = ISA_LEVELS[build_arch()], cpu_features()
+    extended = feats & FEAT_AVX512 if levels[0] == "avx2" else feats & FEAT_NEON_DOTPROD if levels[0] == "neon" else 0
+    return levels if extended else levels[:1]
 
 
 def kernel_isa(requested: str | None = None) -> str:
     """The ISA level a new kernel object uses: `requested`, else LFM2_KERNEL_ISA, else the widest, and never
-    wider than this CPU has (the setting is a cap, so one configuration runs on every machine)."""
+    wider than this CPU has (the setting is a cap, so one configuration runs on every machine; a level of
+    another architecture caps nothing)."""
     want = requested if requested is not None else (os.environ.get(ENV_ISA) or "").strip().lower() or None
-    if want is not None and want not in ISA_LEVELS:
-        raise ValueError(f"{ENV_ISA} / isa must be one of {ISA_LEVELS}, got {want!r}")
+    if want is not None and want not in ALL_ISAS:
+        raise ValueError(f"{ENV_ISA} / isa must be one of {ALL_ISAS}, got {want!r}")
     here = isas()
-    if want is None:
-        return here[-1]
     return want if want in here else here[-1]
+
+
+def _isa_code(isa: str) -> int:
+    return ISA_LEVELS[build_arch()].index(isa)
 
 
 _WEIGHT_FN = {torch.float32: "lfm2_gemv_f32", torch.bfloat16: "lfm2_gemv_bf16", torch.int8: "lfm2_gemv_i8"}
@@ -263,7 +299,7 @@ class Gemv:
                                   or not scale.is_contiguous()):
             raise ValueError(f"gemv scale must be contiguous fp32 of shape ({self.N},), got {tuple(scale.shape)}")
         self.weight, self.scale = weight, scale  # held: the kernel reads their memory
-        self.isa = "avx2"
+        self.isa = isas()[0]
         self._fn = self._bf16_fn = getattr(lib, _WEIGHT_FN[weight.dtype])
         if (weight.dtype == torch.bfloat16 and kernel_isa(isa) == "avx512"
                 and cpu_features() & FEAT_AVX512_BF16 and hasattr(lib, "lfm2_gemv_bf16_avx512")):
@@ -300,13 +336,14 @@ class GemvW8A8:
         self.q, self.scale = q, scale
         self.wsum = q.sum(dim=1, dtype=torch.int32).contiguous()  # row sums: VNNI reads x + 128
         self.isa = kernel_isa(isa)
+        self._isa_code = _isa_code(self.isa)
         self._fn = lib.lfm2_gemv_w8a8
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = _as_rows(x, self.K)
         y = torch.empty(x.shape[0], self.N, dtype=torch.float32)
         _checked(self._fn(x.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.wsum.data_ptr(),
-                          y.data_ptr(), x.shape[0], self.N, self.K, _ISA_CODE[self.isa]))
+                          y.data_ptr(), x.shape[0], self.N, self.K, self._isa_code))
         return y
 
 
@@ -330,13 +367,14 @@ class GemvQ4:
         self.N, self.K = N, K
         self.packed, self.scales = packed, scales
         self.isa = kernel_isa(isa)
+        self._isa_code = _isa_code(self.isa)
         self._fn = lib.lfm2_gemv_q4_0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = _as_rows(x, self.K)
         y = torch.empty(x.shape[0], self.N, dtype=torch.float32)
         _checked(self._fn(x.data_ptr(), self.packed.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
-                          x.shape[0], self.N, self.K, _ISA_CODE[self.isa]))
+                          x.shape[0], self.N, self.K, self._isa_code))
         return y
 
 

@@ -12,7 +12,7 @@
  */
 #include "kernels.h"
 
-#if defined(__x86_64__) && LFM2_HAVE_AVX512
+#if LFM2_X86 && LFM2_HAVE_AVX512
 #include <immintrin.h>
 
 LFM2_TARGET_AVX512_BF16 static void dot_rows(const uint16_t *xb, const uint16_t *const *rows, int64_t K,

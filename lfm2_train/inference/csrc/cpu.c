@@ -3,16 +3,18 @@
 
 #include "kernels.h"
 
-#if defined(__aarch64__) && defined(__linux__)
+#if LFM2_NEON && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
 #endif
 
+int lfm2_build_arch(void) { return LFM2_X86 ? LFM2_ARCH_X86 : LFM2_NEON ? LFM2_ARCH_NEON : LFM2_ARCH_PORTABLE; }
+
 int lfm2_cpu_features(void) {
     int f = 0;
-#if defined(__x86_64__)
+#if LFM2_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) f |= LFM2_FEAT_AVX2;
 #if LFM2_HAVE_AVX512
@@ -23,7 +25,7 @@ int lfm2_cpu_features(void) {
         if (__builtin_cpu_supports("avx512bf16")) f |= LFM2_FEAT_AVX512_BF16;
     }
 #endif
-#elif defined(__aarch64__)
+#elif LFM2_NEON
 #if defined(__ARM_FEATURE_DOTPROD)
     f |= LFM2_FEAT_NEON_DOTPROD; /* built for it: the CPU must have it */
 #elif defined(__linux__)

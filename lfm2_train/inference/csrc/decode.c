@@ -12,14 +12,19 @@
  * and reused from cache for every row of x. Threads: OpenMP over weight blocks (torch's own OpenMP
  * runtime once torch is loaded, so `torch.set_num_threads` applies here too).
  *
- * Build: cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC (see lfm2_train/inference/native.py).
+ * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC (see lfm2_train/inference/native.py). This is the
+ * x86-64 code; other CPUs (and builds with -DLFM2_PORTABLE) get decode_generic.c's plain C versions.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kernels.h"
+
+#if LFM2_X86
+#include <immintrin.h>
 
 #define BLOCK 8 /* weight rows per block: 8 accumulators + x + a load fit AVX2's 16 registers */
 
@@ -273,8 +278,12 @@ void lfm2_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
     for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_BF16);
 }
 
+#endif /* LFM2_X86 */
+
 /* The OpenMP runtime's thread count as this library sees it (tests check it follows torch's). */
 int lfm2_max_threads(void) { return omp_get_max_threads(); }
+
+#if LFM2_X86
 
 /* RMSNorm of fp32 rows: y = w * (x / sqrt(mean(x^2) + eps)), statistics in fp32. One call instead of the
  * seven small torch ops it replaces: decode normalises 45 vectors per token (LFM2-350M), and each small
@@ -299,6 +308,8 @@ void lfm2_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, i
         for (; j < d; j++) yr[j] = w[j] * (xr[j] * r);
     }
 }
+
+#endif /* LFM2_X86 */
 
 /* One decode step of LFM2's gated short convolution, fp32, after in_proj:
  * bcx (B, 3d) = [b | c | x] of the new token; state (B, k-1, d) the last k-1 gated inputs, oldest first,

@@ -30,16 +30,29 @@
  * weight scale * activation scale (fp32), so q4_0 matches a float64 evaluation to fp32 rounding.
  *
  * Threads: OpenMP over 8-row groups, as decode.c. Entry points return 0, or -1 when the workspace cannot be
- * allocated. `isa` is LFM2_ISA_AVX2 or LFM2_ISA_AVX512 (the caller checks lfm2_cpu_features()).
+ * allocated. `isa` picks the row kernel within the build's architecture (the caller checks
+ * lfm2_cpu_features()): x86-64 LFM2_ISA_AVX2 / LFM2_ISA_AVX512; aarch64 LFM2_ISA_NEON (vmull + vpadal,
+ * every ARMv8 CPU) / LFM2_ISA_NEON_DOTPROD (vdotq_s32: signed x signed, so no offset and no sign trick);
+ * other CPUs (and -DLFM2_PORTABLE) one plain C kernel. Every variant computes the same int32 block sums.
  */
-#include "kernels.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
+#include "kernels.h"
+
+#if LFM2_X86
+#include <immintrin.h>
+#elif LFM2_NEON
+#include <arm_neon.h>
+#endif
+
 /* ------------------------------------------------------------------------------------------ quantizers */
+static inline int8_t round_clamp1(float v, float div) {
+    v = nearbyintf(v / div); /* the default rounding mode: half to even, as torch.round */
+    return (int8_t)(v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v);
+}
+
+#if LFM2_X86
 static inline float hmax256(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -49,11 +62,11 @@ static inline float hmax256(__m256 v) {
 
 static float absmax(const float *x, int64_t K) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int64_t K8 = K & ~(int64_t)7;
     __m256 m = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    for (int64_t k = 0; k < K8; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
     float a = hmax256(m);
-    for (; k < K; k++) a = fmaxf(a, fabsf(x[k]));
+    for (int64_t k = K8; k < K; k++) a = fmaxf(a, fabsf(x[k]));
     return a;
 }
 
@@ -63,15 +76,7 @@ static inline __m256i round_clamp8(__m256 v, __m256 div) {
     return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
 }
 
-static inline int8_t round_clamp1(float v, float div) {
-    v = nearbyintf(v / div); /* the default rounding mode: half to even, as torch.round */
-    return (int8_t)(v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v);
-}
-
-/* q[0..K) = round(x / d) with d = amax / 127; returns d (0 for an all-zero row, then q = 0). */
-static float quantize_row(const float *x, int64_t K, int8_t *q) {
-    const float d = absmax(x, K) / 127.0f;
-    const float div = d > 0.0f ? d : 1.0f;
+static void quantize_values(const float *x, int64_t K, float div, int8_t *q) {
     const __m256 dv = _mm256_set1_ps(div);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int64_t k = 0;
@@ -83,12 +88,51 @@ static float quantize_row(const float *x, int64_t K, int8_t *q) {
         _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(bytes, order));
     }
     for (; k < K; k++) q[k] = round_clamp1(x[k], div);
+}
+#elif LFM2_NEON
+static float absmax(const float *x, int64_t K) {
+    const int64_t K4 = K & ~(int64_t)3;
+    float32x4_t m = vdupq_n_f32(0.0f);
+    for (int64_t k = 0; k < K4; k += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(x + k)));
+    float a = vmaxvq_f32(m);
+    for (int64_t k = K4; k < K; k++) a = fmaxf(a, fabsf(x[k]));
+    return a;
+}
+
+static void quantize_values(const float *x, int64_t K, float div, int8_t *q) {
+    const float32x4_t dv = vdupq_n_f32(div), lo = vdupq_n_f32(-127.0f), hi = vdupq_n_f32(127.0f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) { /* vdivq: IEEE division; vrndnq: round half to even */
+        const float32x4_t a = vminq_f32(vmaxq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(x + k), dv)), lo), hi);
+        const float32x4_t b = vminq_f32(vmaxq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(x + k + 4), dv)), lo), hi);
+        const int16x8_t h = vcombine_s16(vmovn_s32(vcvtq_s32_f32(a)), vmovn_s32(vcvtq_s32_f32(b)));
+        vst1_s8(q + k, vmovn_s16(h));
+    }
+    for (; k < K; k++) q[k] = round_clamp1(x[k], div);
+}
+#else
+static float absmax(const float *x, int64_t K) {
+    float a = 0.0f;
+    for (int64_t k = 0; k < K; k++) a = fmaxf(a, fabsf(x[k]));
+    return a;
+}
+
+static void quantize_values(const float *x, int64_t K, float div, int8_t *q) {
+    for (int64_t k = 0; k < K; k++) q[k] = round_clamp1(x[k], div);
+}
+#endif
+
+/* q[0..K) = round(x / d) with d = amax / 127; returns d (0 for an all-zero row, then q = 0). */
+static float quantize_row(const float *x, int64_t K, int8_t *q) {
+    const float d = absmax(x, K) / 127.0f;
+    quantize_values(x, K, d > 0.0f ? d : 1.0f, q);
     return d;
 }
 
 /* q4_0's activations: per block of 32 (the last one zero-padded), d[b] and q as quantize_row, and the
  * starting value of each int32 lane of the dot product, bias[4b + l] = -8 * (q[32b + 4l .. + 4] +
- * q[32b + 16 + 4l .. + 4]): the lanes sum those 8 products, and the weights are stored as value + 8. */
+ * q[32b + 16 + 4l .. + 4]): the lanes sum those 8 products, and the weights are stored as value + 8.
+ * (Kernels that do not split a block into these lanes add the four starts together.) */
 static void quantize_blocks(const float *x, int64_t K, int64_t nb, int8_t *q, float *d, int32_t *bias) {
     for (int64_t b = 0; b < nb; b++) {
         float block[32];
@@ -105,16 +149,44 @@ static void quantize_blocks(const float *x, int64_t K, int64_t nb, int8_t *q, fl
     }
 }
 
+/* IEEE half -> float, exact (subnormals included); the q4_0 scales are stored as fp16. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: man * 2^-24, normalised */
+        uint32_t e = 0;
+        while (!(man & 0x400)) man <<= 1, e++;
+        bits = sign | ((113 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ------------------------------------------------------------------------------------ W8A8 row kernels */
+/* out[r] = sum_k q[k] * rows[r][k] for 8 rows (the caller aliases missing rows to a real one); kernels with
+ * an `offset` return sum_k (q[k] + offset) * rows[r][k] instead, and the driver subtracts offset * wsum. */
+typedef void (*w8a8_fn)(const int8_t *q, const int8_t *const *rows, int64_t K, int32_t *out);
+
+static inline int32_t dot_tail(const int8_t *q, const int8_t *w, int64_t k, int64_t K) {
+    int32_t t = 0;
+    for (; k < K; k++) t += (int32_t)q[k] * w[k];
+    return t;
+}
+
+#if LFM2_X86
 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
     return _mm_cvtsi128_si32(s);
 }
-
-/* -------------------------------------------------------------------------------------------- W8A8 */
-/* out[r] = sum_k q[k] * rows[r][k] for 8 rows (the caller aliases missing rows to a real one). */
-typedef void (*w8a8_fn)(const int8_t *q, const int8_t *const *rows, int64_t K, int32_t *out);
 
 static void w8a8_rows_avx2(const int8_t *q, const int8_t *const *rows, int64_t K, int32_t *out) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -130,15 +202,11 @@ static void w8a8_rows_avx2(const int8_t *q, const int8_t *const *rows, int64_t K
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), ones));
         }
     }
-    for (int r = 0; r < LFM2_ROWS; r++) {
-        int32_t t = hsum_epi32(acc[r]);
-        for (int64_t j = k; j < K; j++) t += (int32_t)q[j] * rows[r][j];
-        out[r] = t;
-    }
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = hsum_epi32(acc[r]) + dot_tail(q, rows[r], k, K);
 }
 
 #if LFM2_HAVE_AVX512
-/* Returns sum_k (q[k] + 128) * w[k]; the caller subtracts 128 * wsum. q is padded to a multiple of 64. */
+/* Returns sum_k (q[k] + 128) * w[k]; q is zero-padded to a multiple of 64. */
 LFM2_TARGET_AVX512 static void w8a8_rows_avx512(const int8_t *q, const int8_t *const *rows, int64_t K,
                                                 int32_t *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -160,51 +228,62 @@ LFM2_TARGET_AVX512 static void w8a8_rows_avx512(const int8_t *q, const int8_t *c
     for (int r = 0; r < LFM2_ROWS; r++) out[r] = _mm512_reduce_add_epi32(acc[r]);
 }
 #endif
-
-int lfm2_gemv_w8a8(const float *x, const int8_t *w, const float *scale, const int32_t *wsum, float *y, int64_t M,
-                   int64_t N, int64_t K, int isa) {
-    if (M == 0 || N == 0) return 0;
-    const int64_t Kp = (K + 63) & ~(int64_t)63;
-    uint8_t *ws = (uint8_t *)lfm2_workspace((size_t)(M * Kp + M * (int64_t)sizeof(float)));
-    if (ws == NULL) return -1;
-    int8_t *q = (int8_t *)ws;
-    float *d = (float *)(ws + M * Kp);
-    for (int64_t m = 0; m < M; m++) {
-        d[m] = quantize_row(x + m * K, K, q + m * Kp);
-        memset(q + m * Kp + K, 0, (size_t)(Kp - K));
-    }
-    w8a8_fn fn = w8a8_rows_avx2;
-    int offset = 0;
-#if LFM2_HAVE_AVX512
-    if (isa == LFM2_ISA_AVX512) fn = w8a8_rows_avx512, offset = 128;
-#endif
-    const int64_t groups = (N + LFM2_ROWS - 1) / LFM2_ROWS;
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        const int8_t *rows[LFM2_ROWS];
-        int64_t n[LFM2_ROWS];
-        for (int r = 0; r < LFM2_ROWS; r++) {
-            const int64_t i = g * LFM2_ROWS + r;
-            n[r] = i < N ? i : N - 1; /* past the end: read the last row again, write nothing */
-            rows[r] = w + n[r] * K;
-        }
-        int32_t acc[LFM2_ROWS];
-        for (int64_t m = 0; m < M; m++) {
-            fn(q + m * Kp, rows, K, acc);
-            for (int r = 0; r < LFM2_ROWS && g * LFM2_ROWS + r < N; r++) {
-                const int32_t dot = (int32_t)((uint32_t)acc[r] - (uint32_t)offset * (uint32_t)wsum[n[r]]);
-                y[m * N + n[r]] = (float)dot * d[m] * scale[n[r]];
-            }
+#elif LFM2_NEON
+static void w8a8_rows_neon(const int8_t *q, const int8_t *const *rows, int64_t K, int32_t *out) {
+    int32x4_t acc[LFM2_ROWS];
+    for (int r = 0; r < LFM2_ROWS; r++) acc[r] = vdupq_n_s32(0);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const int8x16_t x = vld1q_s8(q + k);
+        for (int r = 0; r < LFM2_ROWS; r++) { /* two products per int16 lane: <= 2 * 127 * 127 */
+            const int8x16_t w = vld1q_s8(rows[r] + k);
+            const int16x8_t p = vmlal_high_s8(vmull_s8(vget_low_s8(x), vget_low_s8(w)), x, w);
+            acc[r] = vpadalq_s16(acc[r], p);
         }
     }
-    return 0;
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = vaddvq_s32(acc[r]) + dot_tail(q, rows[r], k, K);
 }
 
-/* ------------------------------------------------------------------------------------------- q4_0 */
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void w8a8_rows_dotprod(const int8_t *q,
+                                                                               const int8_t *const *rows,
+                                                                               int64_t K, int32_t *out) {
+    int32x4_t acc[LFM2_ROWS];
+    for (int r = 0; r < LFM2_ROWS; r++) acc[r] = vdupq_n_s32(0);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const int8x16_t x = vld1q_s8(q + k);
+        for (int r = 0; r < LFM2_ROWS; r++) acc[r] = vdotq_s32(acc[r], x, vld1q_s8(rows[r] + k));
+    }
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = vaddvq_s32(acc[r]) + dot_tail(q, rows[r], k, K);
+}
+#else
+static void w8a8_rows_generic(const int8_t *q, const int8_t *const *rows, int64_t K, int32_t *out) {
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = dot_tail(q, rows[r], 0, K);
+}
+#endif
+
+static w8a8_fn pick_w8a8(int isa, int *offset) {
+    *offset = 0;
+#if LFM2_X86
+#if LFM2_HAVE_AVX512
+    if (isa == LFM2_ISA_AVX512) return *offset = 128, w8a8_rows_avx512;
+#endif
+    (void)isa;
+    return w8a8_rows_avx2;
+#elif LFM2_NEON
+    return isa == LFM2_ISA_NEON_DOTPROD ? w8a8_rows_dotprod : w8a8_rows_neon;
+#else
+    (void)isa;
+    return w8a8_rows_generic;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------ q4_0 row kernels */
 /* out[r] for the 8 rows of one group: `p` and `s` point at the group's packed blocks and scales. */
 typedef void (*q4_fn)(const int8_t *q, const float *d, const int32_t *bias, const uint8_t *p, const uint16_t *s,
                       int64_t nb, float *out);
 
+#if LFM2_X86
 static void q4_rows_avx2(const int8_t *q, const float *d, const int32_t *bias, const uint8_t *p,
                          const uint16_t *s, int64_t nb, float *out) {
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -264,6 +343,126 @@ LFM2_TARGET_AVX512 static void q4_rows_avx512(const int8_t *q, const float *d, c
     for (int r = 0; r < LFM2_ROWS; r++) out[r] = (t[4 * r] + t[4 * r + 1]) + (t[4 * r + 2] + t[4 * r + 3]);
 }
 #endif
+#elif LFM2_NEON
+/* The per-row scales of one block, weight scale * activation scale, as 8 floats. */
+static inline void block_scales(const uint16_t *s, float d, float *out) {
+    vst1q_f32(out, vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s))), d));
+    vst1q_f32(out + 4, vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + 4))), d));
+}
+
+static void q4_rows_neon(const int8_t *q, const float *d, const int32_t *bias, const uint8_t *p, const uint16_t *s,
+                         int64_t nb, float *out) {
+    const uint8x16_t low = vdupq_n_u8(0x0F);
+    float32x4_t acc[LFM2_ROWS];
+    for (int r = 0; r < LFM2_ROWS; r++) acc[r] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; b++, p += 128, s += 8) {
+        const int8x16_t xlo = vld1q_s8(q + 32 * b), xhi = vld1q_s8(q + 32 * b + 16);
+        const int32x4_t start = vld1q_s32(bias + 4 * b);
+        float sc[LFM2_ROWS];
+        block_scales(s, d[b], sc);
+        for (int r = 0; r < LFM2_ROWS; r++) {
+            const uint8x16_t v = vld1q_u8(p + 16 * r);
+            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, low)), hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+            /* four products per int16 lane: <= 4 * 15 * 127 */
+            int16x8_t t = vmlal_high_s8(vmull_s8(vget_low_s8(lo), vget_low_s8(xlo)), lo, xlo);
+            t = vmlal_high_s8(vmlal_s8(t, vget_low_s8(hi), vget_low_s8(xhi)), hi, xhi);
+            const int32x4_t lanes = vaddq_s32(vpaddlq_s16(t), start); /* only the lanes' total matters */
+            acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(lanes), sc[r]);
+        }
+    }
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = vaddvq_f32(acc[r]);
+}
+
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void q4_rows_dotprod(const int8_t *q, const float *d,
+                                                                             const int32_t *bias, const uint8_t *p,
+                                                                             const uint16_t *s, int64_t nb,
+                                                                             float *out) {
+    const uint8x16_t low = vdupq_n_u8(0x0F);
+    float32x4_t acc[LFM2_ROWS];
+    for (int r = 0; r < LFM2_ROWS; r++) acc[r] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; b++, p += 128, s += 8) {
+        const int8x16_t xlo = vld1q_s8(q + 32 * b), xhi = vld1q_s8(q + 32 * b + 16);
+        const int32x4_t start = vld1q_s32(bias + 4 * b);
+        float sc[LFM2_ROWS];
+        block_scales(s, d[b], sc);
+        for (int r = 0; r < LFM2_ROWS; r++) {
+            const uint8x16_t v = vld1q_u8(p + 16 * r);
+            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, low)), hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+            const int32x4_t lanes = vdotq_s32(vdotq_s32(start, lo, xlo), hi, xhi);
+            acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(lanes), sc[r]);
+        }
+    }
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = vaddvq_f32(acc[r]);
+}
+#else
+static void q4_rows_generic(const int8_t *q, const float *d, const int32_t *bias, const uint8_t *p,
+                            const uint16_t *s, int64_t nb, float *out) {
+    for (int r = 0; r < LFM2_ROWS; r++) out[r] = 0.0f;
+    for (int64_t b = 0; b < nb; b++, p += 128, s += 8) {
+        const int8_t *x = q + 32 * b;
+        const int32_t start = bias[4 * b] + bias[4 * b + 1] + bias[4 * b + 2] + bias[4 * b + 3];
+        for (int r = 0; r < LFM2_ROWS; r++) {
+            const uint8_t *v = p + 16 * r;
+            int32_t t = start;
+            for (int j = 0; j < 16; j++) t += (v[j] & 15) * x[j] + (v[j] >> 4) * x[16 + j];
+            out[r] += (float)t * (half_to_float(s[r]) * d[b]);
+        }
+    }
+}
+#endif
+
+static q4_fn pick_q4(int isa) {
+#if LFM2_X86
+#if LFM2_HAVE_AVX512
+    if (isa == LFM2_ISA_AVX512) return q4_rows_avx512;
+#endif
+    (void)isa;
+    return q4_rows_avx2;
+#elif LFM2_NEON
+    return isa == LFM2_ISA_NEON_DOTPROD ? q4_rows_dotprod : q4_rows_neon;
+#else
+    (void)isa;
+    return q4_rows_generic;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------- entry points */
+int lfm2_gemv_w8a8(const float *x, const int8_t *w, const float *scale, const int32_t *wsum, float *y, int64_t M,
+                   int64_t N, int64_t K, int isa) {
+    if (M == 0 || N == 0) return 0;
+    const int64_t Kp = (K + 63) & ~(int64_t)63;
+    uint8_t *ws = (uint8_t *)lfm2_workspace((size_t)(M * Kp + M * (int64_t)sizeof(float)));
+    if (ws == NULL) return -1;
+    int8_t *q = (int8_t *)ws;
+    float *d = (float *)(ws + M * Kp);
+    for (int64_t m = 0; m < M; m++) {
+        d[m] = quantize_row(x + m * K, K, q + m * Kp);
+        memset(q + m * Kp + K, 0, (size_t)(Kp - K));
+    }
+    int offset;
+    const w8a8_fn fn = pick_w8a8(isa, &offset);
+    const int64_t groups = (N + LFM2_ROWS - 1) / LFM2_ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *rows[LFM2_ROWS];
+        int64_t n[LFM2_ROWS];
+        for (int r = 0; r < LFM2_ROWS; r++) {
+            const int64_t i = g * LFM2_ROWS + r;
+            n[r] = i < N ? i : N - 1; /* past the end: read the last row again, write nothing */
+            rows[r] = w + n[r] * K;
+        }
+        int32_t acc[LFM2_ROWS];
+        for (int64_t m = 0; m < M; m++) {
+            fn(q + m * Kp, rows, K, acc);
+            for (int r = 0; r < LFM2_ROWS && g * LFM2_ROWS + r < N; r++) {
+                /* modular int32 arithmetic: the offset's overflow, if any, cancels */
+                const int32_t dot = (int32_t)((uint32_t)acc[r] - (uint32_t)offset * (uint32_t)wsum[n[r]]);
+                y[m * N + n[r]] = (float)dot * d[m] * scale[n[r]];
+            }
+        }
+    }
+    return 0;
+}
 
 int lfm2_gemv_q4_0(const float *x, const uint8_t *packed, const uint16_t *scales, float *y, int64_t M, int64_t N,
                    int64_t K, int isa) {
@@ -277,10 +476,7 @@ int lfm2_gemv_q4_0(const float *x, const uint8_t *packed, const uint16_t *scales
         uint8_t *base = ws + m * row_bytes;
         quantize_blocks(x + m * K, K, nb, (int8_t *)base, (float *)(base + nb * 48), (int32_t *)(base + nb * 32));
     }
-    q4_fn fn = q4_rows_avx2;
-#if LFM2_HAVE_AVX512
-    if (isa == LFM2_ISA_AVX512) fn = q4_rows_avx512;
-#endif
+    const q4_fn fn = pick_q4(isa);
     const int64_t groups = (N + LFM2_ROWS - 1) / LFM2_ROWS;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
@@ -304,7 +500,7 @@ void lfm2_dequantize_q4_0(const uint8_t *packed, const uint16_t *scales, float *
         const int64_t g = n / LFM2_ROWS, r = n % LFM2_ROWS;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *bytes = packed + ((g * nb + b) * LFM2_ROWS + r) * 16;
-            const float d = _cvtsh_ss(scales[(g * nb + b) * LFM2_ROWS + r]);
+            const float d = half_to_float(scales[(g * nb + b) * LFM2_ROWS + r]);
             float v[32];
             for (int j = 0; j < 16; j++) {
                 v[j] = d * (float)((bytes[j] & 15) - 8);
@@ -315,4 +511,3 @@ void lfm2_dequantize_q4_0(const uint8_t *packed, const uint16_t *scales, float *
         }
     }
 }
-#endif /* __x86_64__ */

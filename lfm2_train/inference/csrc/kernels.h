@@ -22,10 +22,26 @@ enum {
     LFM2_FEAT_NEON_DOTPROD = 8 /* aarch64 with the dot-product extension (vdotq_s32) */
 };
 
-/* The `isa` argument of the integer kernels. */
-enum { LFM2_ISA_AVX2 = 0, LFM2_ISA_AVX512 = 1, LFM2_ISA_NEON = 2 };
+/* The `isa` argument of the integer kernels: a level within the build's architecture (0 = its baseline). */
+enum { LFM2_ISA_AVX2 = 0, LFM2_ISA_AVX512 = 1, LFM2_ISA_NEON = 0, LFM2_ISA_NEON_DOTPROD = 1 };
 
-#if defined(__x86_64__)
+/* Which code a build contains: x86-64 intrinsics, aarch64 NEON for the integer kernels (plain C for the
+ * rest), or plain C only (any other CPU, or -DLFM2_PORTABLE, which tests use to check that code on x86). */
+#if defined(__x86_64__) && !defined(LFM2_PORTABLE)
+#define LFM2_X86 1
+#define LFM2_NEON 0
+#elif defined(__aarch64__) && !defined(LFM2_PORTABLE)
+#define LFM2_X86 0
+#define LFM2_NEON 1
+#else
+#define LFM2_X86 0
+#define LFM2_NEON 0
+#endif
+
+/* lfm2_build_arch(): what the library was built as. */
+enum { LFM2_ARCH_X86 = 0, LFM2_ARCH_NEON = 1, LFM2_ARCH_PORTABLE = 2 };
+
+#if LFM2_X86
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
 #define LFM2_HAVE_AVX512 1
 #define LFM2_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
@@ -34,6 +50,8 @@ enum { LFM2_ISA_AVX2 = 0, LFM2_ISA_AVX512 = 1, LFM2_ISA_NEON = 2 };
 #else
 #define LFM2_HAVE_AVX512 0
 #endif
+#else
+#define LFM2_HAVE_AVX512 0
 #endif
 
 /* A 64-byte aligned scratch buffer of at least `bytes`, owned by the calling thread and reused by its
@@ -42,5 +60,6 @@ enum { LFM2_ISA_AVX2 = 0, LFM2_ISA_AVX512 = 1, LFM2_ISA_NEON = 2 };
 void *lfm2_workspace(size_t bytes);
 
 int lfm2_cpu_features(void);
+int lfm2_build_arch(void);
 
 #endif
