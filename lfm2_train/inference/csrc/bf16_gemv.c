@@ -8,7 +8,8 @@
  * exact when x came from bf16 -- native.Gemv sends only bf16 activations here); the products of two bf16
  * are exact in fp32 and are accumulated in fp32 (the instruction flushes denormal inputs and results to
  * zero). So |y - x.W| <= (2^-8 + K 2^-24) sum_k |x_k W_nk|, and the 2^-8 term is 0 for bf16 activations.
- * W is (N, K) row-major bf16 (raw uint16), as the AVX2 kernel reads it; rows are read 8 at a time.
+ * W is (N, K) row-major bf16 (raw uint16), as the AVX2 kernel reads it; rows of 4 KB and more are read 8
+ * side by side, shorter ones one after another (see decode.c's top).
  */
 #include "kernels.h"
 
@@ -35,6 +36,28 @@ LFM2_TARGET_AVX512_BF16 static void dot_rows(const uint16_t *xb, const uint16_t 
     for (int r = 0; r < LFM2_ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+LFM2_TARGET_AVX512_BF16 static inline __m512 dp_at(__m512 acc, const uint16_t *w, const uint16_t *xb) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(xb));
+}
+
+/* One row, a single sequential stream with four accumulators. */
+LFM2_TARGET_AVX512_BF16 static float dot_row(const uint16_t *xb, const uint16_t *w, int64_t K) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        a0 = dp_at(a0, w + k, xb + k);
+        a1 = dp_at(a1, w + k + 32, xb + k + 32);
+        a2 = dp_at(a2, w + k + 64, xb + k + 64);
+        a3 = dp_at(a3, w + k + 96, xb + k + 96);
+    }
+    for (; k + 32 <= K; k += 32) a0 = dp_at(a0, w + k, xb + k);
+    if (k < K) {
+        const __mmask32 m = (__mmask32)((1ULL << (K - k)) - 1);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k), (__m512bh)_mm512_loadu_si512(xb + k));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 /* x (M, K) fp32 -> bf16, each row zero-padded to a multiple of 32. */
 LFM2_TARGET_AVX512_BF16 static void to_bf16(const float *x, int64_t K, int64_t Kp, uint16_t *xb) {
     for (int64_t k = 0; k < Kp; k += 32) {
@@ -55,6 +78,11 @@ int lfm2_gemv_bf16_avx512(const float *x, const uint16_t *w, float *y, int64_t M
     const int64_t groups = (N + LFM2_ROWS - 1) / LFM2_ROWS;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
+        if (K * 2 < LFM2_SEQUENTIAL_BELOW) {
+            for (int64_t n = g * LFM2_ROWS; n < (g + 1) * LFM2_ROWS && n < N; n++)
+                for (int64_t m = 0; m < M; m++) y[m * N + n] = dot_row(xb + m * Kp, w + n * K, K);
+            continue;
+        }
         const uint16_t *rows[LFM2_ROWS];
         for (int r = 0; r < LFM2_ROWS; r++) {
             const int64_t i = g * LFM2_ROWS + r;

@@ -170,9 +170,12 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* ------------------------------------------------------------------------------------ W8A8 row kernels */
-/* out[r] = sum_k q[k] * rows[r][k] for 8 rows (the caller aliases missing rows to a real one); kernels with
- * an `offset` return sum_k (q[k] + offset) * rows[r][k] instead, and the driver subtracts offset * wsum. */
+/* out[r] = sum_k q[k] * rows[r][k] for 8 rows read side by side (the caller aliases missing rows to a real
+ * one); kernels with an `offset` return sum_k (q[k] + offset) * rows[r][k] instead, and the driver
+ * subtracts offset * wsum. Rows shorter than LFM2_SEQUENTIAL_BELOW bytes are read one at a time instead
+ * (w8a8_row_fn; see decode.c's top for why): on one core, K = 1024, 17 against 9 GB/s. */
 typedef void (*w8a8_fn)(const int8_t *q, const int8_t *const *rows, int64_t K, int32_t *out);
+typedef int32_t (*w8a8_row_fn)(const int8_t *q, const int8_t *w, int64_t K);
 
 static inline int32_t dot_tail(const int8_t *q, const int8_t *w, int64_t k, int64_t K) {
     int32_t t = 0;
@@ -205,6 +208,25 @@ static void w8a8_rows_avx2(const int8_t *q, const int8_t *const *rows, int64_t K
     for (int r = 0; r < LFM2_ROWS; r++) out[r] = hsum_epi32(acc[r]) + dot_tail(q, rows[r], k, K);
 }
 
+static inline __m256i madd_signed(__m256i acc, const int8_t *q, const int8_t *w) {
+    const __m256i s = _mm256_loadu_si256((const __m256i *)q), ones = _mm256_set1_epi16(1);
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), s));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+}
+
+static int32_t w8a8_row_avx2(const int8_t *q, const int8_t *w, int64_t K) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        a0 = madd_signed(a0, q + k, w + k);
+        a1 = madd_signed(a1, q + k + 32, w + k + 32);
+        a2 = madd_signed(a2, q + k + 64, w + k + 64);
+        a3 = madd_signed(a3, q + k + 96, w + k + 96);
+    }
+    for (; k + 32 <= K; k += 32) a0 = madd_signed(a0, q + k, w + k);
+    return hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3))) + dot_tail(q, w, k, K);
+}
+
 #if LFM2_HAVE_AVX512
 /* Returns sum_k (q[k] + 128) * w[k]; q is zero-padded to a multiple of 64. */
 LFM2_TARGET_AVX512 static void w8a8_rows_avx512(const int8_t *q, const int8_t *const *rows, int64_t K,
@@ -226,6 +248,30 @@ LFM2_TARGET_AVX512 static void w8a8_rows_avx512(const int8_t *q, const int8_t *c
             acc[r] = _mm512_dpbusd_epi32(acc[r], u, _mm512_maskz_loadu_epi8(m, rows[r] + k));
     }
     for (int r = 0; r < LFM2_ROWS; r++) out[r] = _mm512_reduce_add_epi32(acc[r]);
+}
+
+LFM2_TARGET_AVX512 static inline __m512i dpbusd_at(__m512i acc, const int8_t *q, const int8_t *w) {
+    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(q), _mm512_set1_epi8((char)0x80));
+    return _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(w));
+}
+
+/* Returns sum_k (q[k] + 128) * w[k], one row; q is zero-padded to a multiple of 64. */
+LFM2_TARGET_AVX512 static int32_t w8a8_row_avx512(const int8_t *q, const int8_t *w, int64_t K) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 256 <= K; k += 256) {
+        a0 = dpbusd_at(a0, q + k, w + k);
+        a1 = dpbusd_at(a1, q + k + 64, w + k + 64);
+        a2 = dpbusd_at(a2, q + k + 128, w + k + 128);
+        a3 = dpbusd_at(a3, q + k + 192, w + k + 192);
+    }
+    for (; k + 64 <= K; k += 64) a0 = dpbusd_at(a0, q + k, w + k);
+    if (k < K) {
+        const __mmask64 m = ((__mmask64)1 << (K - k)) - 1; /* K - k < 64 here */
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(q + k), _mm512_set1_epi8((char)0x80));
+        a1 = _mm512_dpbusd_epi32(a1, u, _mm512_maskz_loadu_epi8(m, w + k));
+    }
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
 }
 #endif
 #elif LFM2_NEON
@@ -262,13 +308,16 @@ static void w8a8_rows_generic(const int8_t *q, const int8_t *const *rows, int64_
 }
 #endif
 
-static w8a8_fn pick_w8a8(int isa, int *offset) {
+/* The kernel for `isa`; *row the single-row kernel for short rows (NULL: use the 8-row one throughout). */
+static w8a8_fn pick_w8a8(int isa, int *offset, w8a8_row_fn *row) {
     *offset = 0;
+    *row = NULL;
 #if LFM2_X86
 #if LFM2_HAVE_AVX512
-    if (isa == LFM2_ISA_AVX512) return *offset = 128, w8a8_rows_avx512;
+    if (isa == LFM2_ISA_AVX512) return *offset = 128, *row = w8a8_row_avx512, w8a8_rows_avx512;
 #endif
     (void)isa;
+    *row = w8a8_row_avx2;
     return w8a8_rows_avx2;
 #elif LFM2_NEON
     return isa == LFM2_ISA_NEON_DOTPROD ? w8a8_rows_dotprod : w8a8_rows_neon;
@@ -440,10 +489,21 @@ int lfm2_gemv_w8a8(const float *x, const int8_t *w, const float *scale, const in
         memset(q + m * Kp + K, 0, (size_t)(Kp - K));
     }
     int offset;
-    const w8a8_fn fn = pick_w8a8(isa, &offset);
+    w8a8_row_fn row_fn;
+    const w8a8_fn fn = pick_w8a8(isa, &offset, &row_fn);
+    if (K >= LFM2_SEQUENTIAL_BELOW) row_fn = NULL;
     const int64_t groups = (N + LFM2_ROWS - 1) / LFM2_ROWS;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
+        if (row_fn != NULL) { /* short rows: one at a time, a single sequential stream */
+            for (int64_t n = g * LFM2_ROWS; n < (g + 1) * LFM2_ROWS && n < N; n++)
+                for (int64_t m = 0; m < M; m++) {
+                    const int32_t acc = row_fn(q + m * Kp, w + n * K, K);
+                    const int32_t dot = (int32_t)((uint32_t)acc - (uint32_t)offset * (uint32_t)wsum[n]);
+                    y[m * N + n] = (float)dot * d[m] * scale[n];
+                }
+            continue;
+        }
         const int8_t *rows[LFM2_ROWS];
         int64_t n[LFM2_ROWS];
         for (int r = 0; r < LFM2_ROWS; r++) {

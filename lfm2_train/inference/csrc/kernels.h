@@ -12,7 +12,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define LFM2_ROWS 8 /* weight rows read side by side by every matrix-vector kernel */
+#define LFM2_ROWS 8 /* weight rows per group: the unit of work of every matrix-vector kernel */
+/* Rows of fewer bytes are read one after another, longer ones LFM2_ROWS side by side (decode.c's top). */
+#define LFM2_SEQUENTIAL_BELOW 4096
 
 /* Feature bits of lfm2_cpu_features(): what this CPU has AND this build can use. */
 enum {
