@@ -179,6 +179,9 @@ def build_fast(model_dir: str, spec: str, kernels: str) -> FastLFM2:
     mode, isa = parse_mode(spec)
     dtype = DTYPES.get(mode, torch.float32)
     ours = LFM2ForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    with torch.no_grad():  # private memory: the fp32 fast path shares these tensors, which from_pretrained
+        for p in ours.parameters():  # maps from the file (page cache, dropped and re-read under memory pressure)
+            p.data = p.data.clone()
     before = os.environ.get(native.ENV_ISA)
     if isa:
         os.environ[native.ENV_ISA] = isa  # read when each kernel object is created

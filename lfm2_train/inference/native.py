@@ -378,10 +378,12 @@ class GemvQ4:
         return y
 
 
-def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor, K: int, start: int, stop: int) -> torch.Tensor:
+def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor, K: int, start: int, stop: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 weights (stop - start, K) of rows [start, stop) of a packed q4_0 matrix; `start` a multiple of 8.
 
-    Exact (d * (q - 8) fits fp32); one pass over the packed bytes, for prefill's GEMM.
+    Exact (d * (q - 8) fits fp32); one pass over the packed bytes, for prefill's GEMM. `out`: a contiguous
+    fp32 tensor of that shape to write into (a reused buffer saves page-faulting fresh memory per call).
     """
     lib = require()
     groups, nb = packed.shape[:2]
@@ -389,7 +391,10 @@ def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor, K: int, start: i
             or scales.shape != _q4_shapes(groups * 8, K)[1] or not (packed.is_contiguous() and scales.is_contiguous()):
         raise ValueError(f"dequantize_q4_0: rows [{start}, {stop}) of packed {tuple(packed.shape)} / scales "
                          f"{tuple(scales.shape)} with K={K}")
-    out = torch.empty(stop - start, K, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(stop - start, K, dtype=torch.float32)
+    elif out.shape != (stop - start, K) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"dequantize_q4_0 out must be contiguous fp32 ({stop - start}, {K}), got {tuple(out.shape)}")
     if out.numel():
         g = start // 8
         lib.lfm2_dequantize_q4_0(packed.data_ptr() + g * nb * 128, scales.data_ptr() + g * nb * 16,

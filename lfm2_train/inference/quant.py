@@ -26,6 +26,8 @@ y = sum_k x_k w_k with weight scale s (per row or block) and activation scale d:
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,8 @@ Q4_BLOCK = 32  # weights per q4_0 block (along K)
 Q4_ROWS = 8  # rows per packed q4_0 group (the kernel reads 8 rows side by side)
 # Rows above this count go through a GEMM instead of the matrix-vector kernels (prefill).
 INT8_MATVEC_MAX_ROWS = 16
-# Elements of dequantized weight materialised at once by the chunked prefill GEMM (64 MiB of fp32).
+# Elements of dequantized weight materialised at once by the chunked prefill GEMM (64 MiB of fp32, in a
+# buffer kept per thread).
 DEQUANT_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -179,6 +182,35 @@ def unpack_q4_0(packed: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor |
 
 
 # ---------------------------------------------------------------------------------------------- projections
+_scratch = threading.local()
+
+
+def _dequant_buffer(rows: int, cols: int) -> torch.Tensor:
+    """A reused fp32 (rows, cols) buffer for prefill's dequantized weights, one per thread.
+
+    Why: a fresh tensor of tens of MB per projection is page-faulted in on every call (the allocator
+    returns large blocks to the OS), which cost about 10% of a q4_0 prefill GEMM; the layers run one after
+    another, so one buffer serves them all.
+    """
+    need = rows * cols
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < need:
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buf = _scratch.buf = torch.empty(need, dtype=torch.float32)
+    return buf[:need].view(rows, cols)
+
+
+def _dequantized_gemm(x: torch.Tensor, N: int, K: int,
+                      rows: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x (M, K) fp32 times a quantized (N, K) weight whose rows [start, stop) `rows(start, stop, out)`
+    dequantizes into `out`: fp32 GEMMs over at most DEQUANT_CHUNK_ELEMENTS weights at a time (chunks start
+    at multiples of 8), so the float copy stays bounded (the LM head alone is 268 MB in fp32)."""
+    step = max(Q4_ROWS, DEQUANT_CHUNK_ELEMENTS // max(1, K) // Q4_ROWS * Q4_ROWS)
+    parts = [native.gemm(x, rows(n, min(n + step, N), _dequant_buffer(min(n + step, N) - n, K)))
+             for n in range(0, N, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class Int8Linear:
     """Weight-only int8: `y = x @ (q * scale).T` without materialising the float weight on the decode path."""
 
@@ -199,6 +231,9 @@ class Int8Linear:
         """Dequantized fp32 rows `ids` (any shape) -> (*ids.shape, K): embedding lookups in a tied head."""
         return self.q[ids].float() * self.scale[ids][..., None]
 
+    def _rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.mul(self.q[start:stop], self.scale[start:stop, None], out=out)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
         shape = x.shape
@@ -208,7 +243,7 @@ class Int8Linear:
         elif flat.shape[0] <= INT8_MATVEC_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale_bf16)
         else:  # prefill: one dequantize per matrix is cheap next to an (M, K) x (K, N) GEMM
-            y = native.gemm(flat.float(), self.dequantize())
+            y = _dequantized_gemm(flat.float(), self.out_features, self.in_features, self._rows_into)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
@@ -255,16 +290,19 @@ class Q4Linear:
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales.numel() * 2
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None
-                   ) -> torch.Tensor:
-        """fp32 weights of rows [start, stop) (start a multiple of 8), (stop - start, K)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 weights of rows [start, stop) (start a multiple of 8), (stop - start, K); into `out` (fp32,
+        contiguous, that shape) when given."""
         stop = self.out_features if stop is None else stop
         if self.use_native:
-            w = native.dequantize_q4_0(self.packed, self.scales, self.in_features, start, stop)
+            w = native.dequantize_q4_0(self.packed, self.scales, self.in_features, start, stop, out)
         else:
             values, d = unpack_q4_0(self.packed[start // Q4_ROWS: -(-stop // Q4_ROWS)],
                                     self.scales[start // Q4_ROWS: -(-stop // Q4_ROWS)])
             w = (values.float() * d[..., None]).flatten(1)[: stop - start, : self.in_features]
+            if out is not None:
+                w = out.copy_(w)
         return w.to(dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -272,13 +310,6 @@ class Q4Linear:
         w = (values.float() * d[..., None]).flatten(1)[:, : self.in_features]
         return w.view(*ids.shape, self.in_features)
 
-    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """Float x (M, K) times the dequantized weights, a few thousand rows of them at a time."""
-        step = max(Q4_ROWS, DEQUANT_CHUNK_ELEMENTS // max(1, self.in_features) // Q4_ROWS * Q4_ROWS)
-        if step >= self.out_features:
-            return native.gemm(x, self.dequantize())
-        return torch.cat([native.gemm(x, self.dequantize(start=n, stop=min(n + step, self.out_features)))
-                          for n in range(0, self.out_features, step)], dim=1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -289,8 +320,9 @@ class Q4Linear:
             qx, d = quantize_activation_blocks(flat)
             xq = (qx.float() * d[..., None]).flatten(1)[:, : self.in_features]
             y = F.linear(xq, self.dequantize())
-        else:  # prefill: float activations
-            y = self._gemm(flat.float())
+        else:  # prefill: float activations times the dequantized weights
+            y = _dequantized_gemm(flat.float(), self.out_features, self.in_features,
+                                  lambda start, stop, out: self.dequantize(start=start, stop=stop, out=out))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 

@@ -256,3 +256,15 @@ def test_tied_embedding_rows_are_the_dequantized_head(mode: str) -> None:
     torch.testing.assert_close(lin.rows(ids), full[ids], rtol=0, atol=0)
     with pytest.raises(ValueError, match="quant must be one of"):
         quant.make_quantized(w, "q2_k")
+
+
+@pytest.mark.parametrize("mode", ["int8", "q4_0"])
+def test_prefill_scratch_works_in_and_out_of_inference_mode(mode: str) -> None:
+    """The dequantization buffer is reused across calls: one made under inference_mode must stay writable."""
+    _, w = data(24, 64, 1, 6)
+    lin = quant.make_quantized(w, mode)
+    x = torch.randn(20, 64)
+    with torch.inference_mode():
+        inside = lin(x)
+    torch.testing.assert_close(lin(x), inside, rtol=0, atol=0)
+    torch.testing.assert_close(inside, x @ lin.dequantize().t(), rtol=1e-5, atol=1e-5)
