@@ -6,7 +6,7 @@ decode on a CPU is instead bound by the bytes of weights streamed per token and 
   optionally quantized (`quant.py`: weight-only int8, W8A8 or q4_0; `quant=`);
 - all state is preallocated (KV for attention layers, a (k-1)-token window for conv layers, RoPE tables), and a
   decode step is a straight sequence of tensor ops — no layout objects, no mask building without padding;
-- decode's matrix-vector products, GQA attention (no repeated K/V copies), and in fp32 its RMSNorms and conv
+- decode's matrix-vector products, GQA attention (no repeated K/V copies), and its RMSNorms and conv
   steps run in native kernels (`native.py`, `csrc/decode.c`) when they build here (`kernels=`), else in torch
   ops (batched products over the KV heads for attention);
 - prefill's GEMMs go through oneDNN (`native.gemm`); in bf16 they upcast each weight to fp32 first, because
@@ -88,6 +88,14 @@ def resolve_kernels(kernels: str) -> bool:
     return kernels == "auto" and native.available()
 
 
+def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`native.rms_norm` for any float x: bf16 / fp16 activations are normalized in fp32 (fp32 weight) and
+    rounded once at the end (the reference rounds before the weight too; within the bf16 tolerance)."""
+    if x.dtype == torch.float32:
+        return native.rms_norm(x, weight, eps)
+    return native.rms_norm(x.float(), weight, eps).to(x.dtype)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The model's RMSNorm (fp32 statistics, cast back before the weight)."""
     dtype = x.dtype
@@ -135,14 +143,15 @@ class _Layer:
     def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, quant: str | None,
                  use_native: bool) -> None:
         cfg = model.config
+        norm = torch.float32 if use_native else act  # the native RMSNorm takes fp32 weights
 
         def linear(weight: torch.Tensor) -> DenseLinear | QuantLinear:
             return _make_linear(weight.detach(), dtype, quant, use_native)
 
         layer = model.model.layers[idx]
         self.is_attention = cfg.layer_types[idx] == ATTENTION
-        self.operator_norm = layer.operator_norm.weight.detach().to(act)
-        self.ffn_norm = layer.ffn_norm.weight.detach().to(act)
+        self.operator_norm = layer.operator_norm.weight.detach().to(norm)
+        self.ffn_norm = layer.ffn_norm.weight.detach().to(norm)
         if self.is_attention:
             a = layer.self_attn
             self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
@@ -150,8 +159,8 @@ class _Layer:
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0).detach()
             self.qkv = linear(qkv)
             self.out_proj = linear(a.out_proj.weight)
-            self.q_norm = a.q_layernorm.weight.detach().to(act)
-            self.k_norm = a.k_layernorm.weight.detach().to(act)
+            self.q_norm = a.q_layernorm.weight.detach().to(norm)
+            self.k_norm = a.k_layernorm.weight.detach().to(norm)
         else:
             c = layer.conv
             if c.in_proj.bias is not None or c.out_proj.bias is not None or c.conv.bias is not None:
@@ -201,10 +210,12 @@ class FastLFM2:
         self.act_dtype = dtype
         self.prefill_chunk = prefill_chunk
         self.use_native = resolve_kernels(kernels)  # before any weight is copied: `native` may refuse
-        # fp32 RMSNorm and conv step in one native call each: decode's many small ops are slow once
-        # streaming the weights has flushed the caches
-        self.native_f32 = self.use_native and dtype == torch.float32
-        self._norm = native.rms_norm if self.native_f32 else _rms_norm
+        # RMSNorm and the conv step in one native call each (fp32 inside, also for bf16 activations):
+        # decode's many small ops are slow once streaming the weights has flushed the caches. The conv
+        # window is then kept in fp32 (the native step updates it in place).
+        self.native_small_ops = self.use_native
+        self._norm = _native_rms_norm if self.native_small_ops else _rms_norm
+        self.conv_dtype = torch.float32 if self.native_small_ops else self.act_dtype
         self.eps = cfg.norm_eps
         self.kernel = cfg.conv_L_cache
         self.device = model.model.embed_tokens.weight.device
@@ -213,7 +224,8 @@ class FastLFM2:
         with torch.no_grad():
             self.layers = [_Layer(model, i, dtype, self.act_dtype, quant, self.use_native)
                            for i in range(cfg.num_hidden_layers)]
-            self.final_norm = model.model.embedding_norm.weight.detach().to(self.act_dtype)
+            self.final_norm = model.model.embedding_norm.weight.detach().to(
+                torch.float32 if self.native_small_ops else self.act_dtype)
             embed = model.model.embed_tokens.weight.detach()
             head = model.lm_head.weight.detach()
             self.head = _make_linear(head, dtype, quant, self.use_native)
@@ -270,7 +282,7 @@ class FastLFM2:
                 keys[i] = torch.zeros(shape, dtype=self.act_dtype)
                 values[i] = torch.zeros(shape, dtype=self.act_dtype)
             else:
-                conv[i] = torch.zeros(batch_size, self.kernel - 1, cfg.hidden_size, dtype=self.act_dtype)
+                conv[i] = torch.zeros(batch_size, self.kernel - 1, cfg.hidden_size, dtype=self.conv_dtype)
         self._rope_table(max_length)
         return FastState(batch_size=batch_size, max_length=max_length, keys=keys, values=values, conv=conv,
                          key_valid=torch.ones(batch_size, max_length, dtype=torch.bool),
@@ -414,14 +426,15 @@ class FastLFM2:
               ) -> torch.Tensor:
         T = x.shape[1]
         k = self.kernel
-        if T == 1 and valid is None and self.native_f32 and state.is_contiguous():  # fp32 decode: one call
+        if T == 1 and valid is None and self.native_small_ops and state.is_contiguous():  # decode: one call
             bcx = layer.in_proj(x)  # (B, 1, 3d)
-            return layer.out_proj(native.conv_step(bcx.view(bcx.shape[0], -1), state, layer.conv_w)[:, None])
+            out = native.conv_step(bcx.view(bcx.shape[0], -1).float(), state, layer.conv_w)
+            return layer.out_proj(out.to(x.dtype)[:, None])
         b, c, xx = layer.in_proj(x).chunk(3, dim=-1)  # each (B, T, d)
         y = b * xx
         if valid is not None:
             y = y * valid  # padding contributes nothing, now or as history
-        full = torch.cat([state, y], dim=1)  # (B, k-1+T, d): history then this chunk
+        full = torch.cat([state, y.to(state.dtype)], dim=1)  # (B, k-1+T, d): history then this chunk
         w = layer.conv_w  # (k, d) fp32
         if T == 1:
             z = (full.float() * w).sum(1, keepdim=True)  # (B, 1, d), fp32 accumulation
