@@ -4,7 +4,7 @@ Decode on CPU is bound by the bytes of weights streamed per token, so fewer byte
 speed-up available, as long as the arithmetic per weight keeps up with memory. The three modes:
 
 - `int8` (`Int8Linear`): weights int8 with one fp32 scale per output row, activations stay float; the
-  decode kernel widens every weight to fp32 (1 byte per weight, arithmetic-bound on AVX2).
+  decode kernel widens every weight to fp32 (1 byte per weight; prefill dequantizes for an fp32 GEMM).
 - `w8a8` (`W8A8Linear`): the same weights; each row of activations is quantized to int8 with its own scale
   (d = amax / 127, round half to even), and the products are exact int32 dot products (VNNI / vpmaddubsw
   in `csrc/int8_gemv.c`), scaled by d * scale[n] at the end. Prefill runs the same integer product as a GEMM
@@ -14,10 +14,10 @@ speed-up available, as long as the arithmetic per weight keeps up with memory. T
   activations quantized per block of 32 for decode (llama.cpp's q8_0). Prefill multiplies the float
   activations with the dequantized weights (fp32 GEMM, a few thousand rows at a time).
 
-Every function here is plain torch and is the reference the native kernels are tested against;
-`kernels="torch"` runs the modes through it (bit-identical for w8a8, within fp32 rounding for q4_0).
+The module-level functions are plain torch and are the references the native kernels are tested against;
+`kernels="torch"` runs the modes through them (bit-identical for w8a8, within fp32 rounding for q4_0).
 
-Error bounds (derived in docs/INFERENCE.md and asserted in tests/inference/test_quant.py), for one output
+Error bounds (derived in tests/inference/test_quant.py, which asserts them; docs/INFERENCE.md), for one output
 y = sum_k x_k w_k with weight scale s (per row or block) and activation scale d:
     w8a8:  |y_q - y| <= sum_k (|x_k| s/2 + |w_k| d/2 + s d/4)            (weights and activations rounded)
     q4_0:  |y_q - y| <= sum_k (|x_k| |s_b| + |w_k| d_b/2 + |s_b| d_b/2)  (weights: a whole step at the clamp)
@@ -185,6 +185,11 @@ def unpack_q4_0(packed: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor |
 _scratch = threading.local()
 
 
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or 0 in weight.shape:
+        raise ValueError(f"a quantized projection needs a non-empty 2-D weight, got shape {tuple(weight.shape)}")
+
+
 def _dequant_buffer(rows: int, cols: int) -> torch.Tensor:
     """A reused fp32 (rows, cols) buffer for prefill's dequantized weights, one per thread.
 
@@ -215,6 +220,7 @@ class Int8Linear:
     """Weight-only int8: `y = x @ (q * scale).T` without materialising the float weight on the decode path."""
 
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
+        _check_weight(weight)
         self.q, self.scale = quantize_rowwise(weight)
         self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.out_features, self.in_features = self.q.shape
@@ -251,6 +257,7 @@ class W8A8Linear:
     """int8 weights (per-row scales) times per-token int8 activations, exact int32 sums (see module doc)."""
 
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
+        _check_weight(weight)
         self.q, self.scale = quantize_rowwise(weight)
         self.out_features, self.in_features = self.q.shape
         self.gemv = native.GemvW8A8(self.q, self.scale) if use_native else None
@@ -280,6 +287,7 @@ class Q4Linear:
     """q4_0 weights (blocks of 32, fp16 scales) in the kernel's packed layout (see module doc)."""
 
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
+        _check_weight(weight)
         self.out_features, self.in_features = weight.shape
         self.packed, self.scales = pack_q4_0(*quantize_q4_0(weight))
         self.gemv = native.GemvQ4(self.packed, self.scales, self.out_features, self.in_features) \

@@ -256,6 +256,8 @@ def test_tied_embedding_rows_are_the_dequantized_head(mode: str) -> None:
     torch.testing.assert_close(lin.rows(ids), full[ids], rtol=0, atol=0)
     with pytest.raises(ValueError, match="quant must be one of"):
         quant.make_quantized(w, "q2_k")
+    with pytest.raises(ValueError, match="non-empty 2-D weight"):
+        quant.make_quantized(torch.randn(4, 0), mode)
 
 
 @pytest.mark.parametrize("mode", ["int8", "q4_0"])
