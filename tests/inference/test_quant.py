@@ -26,7 +26,7 @@ ISAS = native.isas() if native.available() else ()
 
 # N = 1..17 (every remainder of the 8-row groups), K from 1 to past 512 with odd sizes (every remainder of
 # 32- and 64-byte vectors and of 32-weight blocks), plus sizes of real models.
-SHAPES = [(n, k) for n in (1, 2, 3, 5, 7, 8, 9, 15, 16, 17) for k in (1, 3, 31, 32, 33, 64, 65, 127)]
+SHAPES = [(n, k) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17) for k in (1, 3, 31, 32, 33, 64, 65, 127)]
 SHAPES += [(13, 255), (6, 511), (11, 513), (24, 1000), (40, 1024), (9, 4608), (3, 8192)]
 
 
