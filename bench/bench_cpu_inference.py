@@ -63,7 +63,8 @@ def machine_info(threads: int) -> dict[str, object]:
                 flags = set(value.split())
     except OSError:
         pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    known = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "asimddp")
+    isa = [f for f in known if f in flags]
     return {
         "cpu": cpu or platform.processor() or "unknown",
         "cpu_family_model": f"{family}/{model}" if family else None,

@@ -3,10 +3,10 @@
 Why a second implementation: the training model is written for autograd, packing and distributed wrappers;
 decode on a CPU is instead bound by the bytes of weights streamed per token and by per-op overhead. Here:
 - weights are re-laid out once: fused QKV and fused w1|w3 (one matrix-vector product instead of three / two),
-  optionally weight-only int8 (`quant.Int8Linear`);
+  optionally quantized (`quant.py`: weight-only int8, W8A8 or q4_0; `quant=`);
 - all state is preallocated (KV for attention layers, a (k-1)-token window for conv layers, RoPE tables), and a
   decode step is a straight sequence of tensor ops — no layout objects, no mask building without padding;
-- decode's matrix-vector products, GQA attention (no repeated K/V copies), and in fp32 its RMSNorms and conv
+- decode's matrix-vector products, GQA attention (no repeated K/V copies), and its RMSNorms and conv
   steps run in native kernels (`native.py`, `csrc/decode.c`) when they build here (`kernels=`), else in torch
   ops (batched products over the KV heads for attention);
 - prefill's GEMMs go through oneDNN (`native.gemm`); in bf16 they upcast each weight to fp32 first, because
@@ -15,7 +15,7 @@ decode on a CPU is instead bound by the bytes of weights streamed per token and 
 - prefill runs in chunks (`prefill_chunk` tokens), so activations stay cache-sized.
 
 Public API (used by generation, eval and search):
-    fast = FastLFM2.from_model(model, dtype=torch.bfloat16, int8=False)
+    fast = FastLFM2.from_model(model, dtype=torch.bfloat16, quant=None)    # quant: int8 | w8a8 | q4_0
     state = fast.new_state(batch_size, max_length)
     logits = fast.prefill(state, ids, attention_mask)   # (B, V) fp32, last position
     logits = fast.decode(state, next_ids)                # (B, V) fp32
@@ -35,7 +35,7 @@ from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
 from ..model.cache import reorder_rows
 from . import native
 from .decoding import GenerationOutput, run_generation
-from .quant import Int8Linear
+from .quant import QUANT_MODES, QuantLinear, make_quantized
 from .sampling import SamplingConfig
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
@@ -75,9 +75,9 @@ class DenseLinear:
         return native.gemm(x, self.weight)
 
 
-def _make_linear(weight: torch.Tensor, dtype: torch.dtype, int8: bool, use_native: bool
-                 ) -> DenseLinear | Int8Linear:
-    return Int8Linear(weight, use_native) if int8 else DenseLinear(weight.to(dtype), use_native)
+def _make_linear(weight: torch.Tensor, dtype: torch.dtype, quant: str | None, use_native: bool
+                 ) -> DenseLinear | QuantLinear:
+    return make_quantized(weight, quant, use_native) if quant else DenseLinear(weight.to(dtype), use_native)
 
 
 def resolve_kernels(kernels: str) -> bool:
@@ -88,6 +88,14 @@ def resolve_kernels(kernels: str) -> bool:
         native.require()
         return True
     return kernels == "auto" and native.available()
+
+
+def _native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`native.rms_norm` for any float x: bf16 / fp16 activations are normalized in fp32 (fp32 weight) and
+    rounded once at the end (the reference rounds before the weight too; within the bf16 tolerance)."""
+    if x.dtype == torch.float32:
+        return native.rms_norm(x, weight, eps)
+    return native.rms_norm(x.float(), weight, eps).to(x.dtype)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,17 +142,18 @@ class FastState:
 class _Layer:
     """One decoder layer's weights, re-laid out for inference."""
 
-    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, int8: bool,
+    def __init__(self, model: LFM2ForCausalLM, idx: int, dtype: torch.dtype, act: torch.dtype, quant: str | None,
                  use_native: bool) -> None:
         cfg = model.config
+        norm = torch.float32 if use_native else act  # the native RMSNorm takes fp32 weights
 
-        def linear(weight: torch.Tensor) -> DenseLinear | Int8Linear:
-            return _make_linear(weight.detach(), dtype, int8, use_native)
+        def linear(weight: torch.Tensor) -> DenseLinear | QuantLinear:
+            return _make_linear(weight.detach(), dtype, quant, use_native)
 
         layer = model.model.layers[idx]
         self.is_attention = cfg.layer_types[idx] == ATTENTION
-        self.operator_norm = layer.operator_norm.weight.detach().to(act)
-        self.ffn_norm = layer.ffn_norm.weight.detach().to(act)
+        self.operator_norm = layer.operator_norm.weight.detach().to(norm)
+        self.ffn_norm = layer.ffn_norm.weight.detach().to(norm)
         if self.is_attention:
             a = layer.self_attn
             self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
@@ -152,8 +161,8 @@ class _Layer:
             qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0).detach()
             self.qkv = linear(qkv)
             self.out_proj = linear(a.out_proj.weight)
-            self.q_norm = a.q_layernorm.weight.detach().to(act)
-            self.k_norm = a.k_layernorm.weight.detach().to(act)
+            self.q_norm = a.q_layernorm.weight.detach().to(norm)
+            self.k_norm = a.k_layernorm.weight.detach().to(norm)
         else:
             c = layer.conv
             if c.in_proj.bias is not None or c.out_proj.bias is not None or c.conv.bias is not None:
@@ -164,7 +173,7 @@ class _Layer:
         self.moe = cfg.is_moe_layer(idx)
         ff = layer.feed_forward
         if self.moe:
-            # Router and experts keep the float dtype (int8 covers the dense products).
+            # Router and experts keep the float dtype (quantization covers the dense products).
             self.gate = ff.gate.weight.detach().to(act)
             self.expert_bias = ff.expert_bias.detach().float() if ff.use_expert_bias else None
             self.top_k, self.norm_topk, self.routed_scale = ff.top_k, ff.norm_topk, ff.scaling
@@ -176,7 +185,7 @@ class _Layer:
             self.w13 = linear(torch.cat([ff.w1.weight, ff.w3.weight], dim=0))
             self.w2 = linear(ff.w2.weight)
 
-    def linears(self) -> list[DenseLinear | Int8Linear]:
+    def linears(self) -> list[DenseLinear | QuantLinear]:
         names = ("qkv", "in_proj", "out_proj", "w13", "w2")
         return [getattr(self, n) for n in names if hasattr(self, n)]
 
@@ -188,38 +197,44 @@ class _Layer:
 class FastLFM2:
     """Inference-only LFM2 on plain tensors; see the module docstring for what makes it fast."""
 
-    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, int8: bool, prefill_chunk: int,
+    def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, quant: str | None, prefill_chunk: int,
                  kernels: str = "auto") -> None:
         cfg: LFM2Config = model.config
         if prefill_chunk < 1:
             raise ValueError(f"FastLFM2 prefill_chunk must be >= 1, got {prefill_chunk}")
         self.config = cfg
-        self.dtype = dtype  # float dtype of weights (and of activations unless int8)
-        self.int8 = int8
-        # int8 keeps activations / state in `dtype` (fp32 by default); only matrix operands are int8.
+        if quant is not None and quant not in QUANT_MODES:
+            raise ValueError(f"FastLFM2 quant must be None or one of {QUANT_MODES}, got {quant!r}")
+        self.dtype = dtype  # float dtype of unquantized weights and of activations
+        self.quant = quant
+        self.int8 = quant == "int8"
+        # Quantized modes keep activations / state in `dtype` (fp32 by default); only the projections change.
         self.act_dtype = dtype
         self.prefill_chunk = prefill_chunk
         self.use_native = resolve_kernels(kernels)  # before any weight is copied: `native` may refuse
-        # fp32 RMSNorm and conv step in one native call each: decode's many small ops are slow once
-        # streaming the weights has flushed the caches
-        self.native_f32 = self.use_native and dtype == torch.float32
-        self._norm = native.rms_norm if self.native_f32 else _rms_norm
+        # RMSNorm and the conv step in one native call each (fp32 inside, also for bf16 activations):
+        # decode's many small ops are slow once streaming the weights has flushed the caches. The conv
+        # window is then kept in fp32 (the native step updates it in place).
+        self.native_small_ops = self.use_native
+        self._norm = _native_rms_norm if self.native_small_ops else _rms_norm
+        self.conv_dtype = torch.float32 if self.native_small_ops else self.act_dtype
         self.eps = cfg.norm_eps
         self.kernel = cfg.conv_L_cache
         self.device = model.model.embed_tokens.weight.device
         if self.device.type != "cpu":
             raise ValueError(f"FastLFM2 is a CPU path; the model is on {self.device}")
         with torch.no_grad():
-            self.layers = [_Layer(model, i, dtype, self.act_dtype, int8, self.use_native)
+            self.layers = [_Layer(model, i, dtype, self.act_dtype, quant, self.use_native)
                            for i in range(cfg.num_hidden_layers)]
-            self.final_norm = model.model.embedding_norm.weight.detach().to(self.act_dtype)
+            self.final_norm = model.model.embedding_norm.weight.detach().to(
+                torch.float32 if self.native_small_ops else self.act_dtype)
             embed = model.model.embed_tokens.weight.detach()
             head = model.lm_head.weight.detach()
-            self.head = _make_linear(head, dtype, int8, self.use_native)
+            self.head = _make_linear(head, dtype, quant, self.use_native)
             tied = head.data_ptr() == embed.data_ptr()
-            # Tied int8: look embeddings up in the quantized head (one table); float: share the same tensor.
-            if tied and isinstance(self.head, Int8Linear):
-                self.embed_q: Int8Linear | None = self.head
+            # Tied and quantized: look embeddings up in the quantized head (one table); float: share the tensor.
+            if tied and not isinstance(self.head, DenseLinear):
+                self.embed_q: QuantLinear | None = self.head
                 self.embed = None
             elif tied:
                 self.embed_q, self.embed = None, self.head.weight
@@ -229,12 +244,15 @@ class FastLFM2:
         self._cos = self._sin = torch.empty(0)
 
     @classmethod
-    def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, int8: bool = False,
-                   prefill_chunk: int = 512, kernels: str = "auto") -> FastLFM2:
+    def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, quant: str | None = None,
+                   int8: bool = False, prefill_chunk: int = 512, kernels: str = "auto") -> FastLFM2:
         """Copy `model`'s weights into the inference layout.
 
-        `dtype`: float dtype of weights and activations (default: the model's). `int8`: weight-only int8 for
-        every dense projection and the LM head (per-row scales); activations then stay in `dtype`.
+        `dtype`: float dtype of weights and activations (default: the model's). `quant`: quantize every dense
+        projection and the LM head (MoE experts and the router stay float): "int8" (weight-only, per-row
+        scales), "w8a8" (int8 weights and per-token int8 activations) or "q4_0" (4-bit blocks of 32); see
+        `inference.quant`. Activations between the projections stay in `dtype`. `int8=True` is the older
+        spelling of quant="int8".
         `kernels`: matrix-vector products of decode through the native kernels (`native`: required; `auto`:
         when they build on this machine) or through `F.linear` (`torch`); see `inference.native`.
         """
@@ -242,7 +260,9 @@ class FastLFM2:
             dtype = model.model.embed_tokens.weight.dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"FastLFM2 dtype must be a float dtype, got {dtype}")
-        return cls(model, dtype, int8, prefill_chunk, kernels)
+        if int8 and quant not in (None, "int8"):
+            raise ValueError(f"FastLFM2: int8=True means quant='int8'; it contradicts quant={quant!r}")
+        return cls(model, dtype, "int8" if int8 else quant, prefill_chunk, kernels)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -264,7 +284,7 @@ class FastLFM2:
                 keys[i] = torch.zeros(shape, dtype=self.act_dtype)
                 values[i] = torch.zeros(shape, dtype=self.act_dtype)
             else:
-                conv[i] = torch.zeros(batch_size, self.kernel - 1, cfg.hidden_size, dtype=self.act_dtype)
+                conv[i] = torch.zeros(batch_size, self.kernel - 1, cfg.hidden_size, dtype=self.conv_dtype)
         self._rope_table(max_length)
         return FastState(batch_size=batch_size, max_length=max_length, keys=keys, values=values, conv=conv,
                          key_valid=torch.ones(batch_size, max_length, dtype=torch.bool),
@@ -327,8 +347,7 @@ class FastLFM2:
     # ------------------------------------------------------------------ the network
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed_q is not None:
-            q = self.embed_q
-            return (q.q[ids].float() * q.scale[ids][..., None]).to(self.act_dtype)
+            return self.embed_q.rows(ids).to(self.act_dtype)
         return self.embed[ids].to(self.act_dtype)
 
     def _forward(self, state: FastState, ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -408,14 +427,15 @@ class FastLFM2:
               ) -> torch.Tensor:
         T = x.shape[1]
         k = self.kernel
-        if T == 1 and valid is None and self.native_f32 and state.is_contiguous():  # fp32 decode: one call
+        if T == 1 and valid is None and self.native_small_ops and state.is_contiguous():  # decode: one call
             bcx = layer.in_proj(x)  # (B, 1, 3d)
-            return layer.out_proj(native.conv_step(bcx.view(bcx.shape[0], -1), state, layer.conv_w)[:, None])
+            out = native.conv_step(bcx.view(bcx.shape[0], -1).float(), state, layer.conv_w)
+            return layer.out_proj(out.to(x.dtype)[:, None])
         b, c, xx = layer.in_proj(x).chunk(3, dim=-1)  # each (B, T, d)
         y = b * xx
         if valid is not None:
             y = y * valid  # padding contributes nothing, now or as history
-        full = torch.cat([state, y], dim=1)  # (B, k-1+T, d): history then this chunk
+        full = torch.cat([state, y.to(state.dtype)], dim=1)  # (B, k-1+T, d): history then this chunk
         w = layer.conv_w  # (k, d) fp32
         if T == 1:
             z = (full.float() * w).sum(1, keepdim=True)  # (B, 1, d), fp32 accumulation

@@ -1,20 +1,30 @@
-"""The matrix products of the fast CPU path: `gemv` (decode; native C kernel) and `gemm` (prefill; oneDNN).
+"""The matrix products of the fast CPU path: `gemv` (decode; native C kernels) and `gemm` (prefill; oneDNN).
 
-`gemv` and `decode_attention` run `csrc/decode.c`, compiled on first use and cached; callers fall back to torch
-ops without it.
+The kernels (`csrc/*.c`) are compiled on first use and cached; callers fall back to torch ops without them.
 
-Why a compiled kernel: batch-1 decode streams every weight once per token, and the matrix-vector product
-torch reaches on CPU (MKL's GEMV) runs well below the memory bandwidth on some machines (see the C file and
-docs/BENCHMARKS.md). The kernel is plain C with AVX2/FMA and OpenMP, built with the system C compiler
+Why compiled kernels: batch-1 decode streams every weight once per token, and the matrix-vector product
+torch reaches on CPU (MKL's GEMV) runs well below the memory bandwidth on some machines (see the C files and
+docs/BENCHMARKS.md). The kernels are plain C with intrinsics and OpenMP, built with the system C compiler
 the way DeepSpeed builds its ops: once per source/flags/compiler, into a cache directory, atomically.
-It is loaded with ctypes after torch, so it shares torch's OpenMP runtime and thread count.
+The library is loaded with ctypes after torch, so it shares torch's OpenMP runtime and thread count.
 
-Nothing here is required: without a C compiler, on a CPU without AVX2/FMA, or with `LFM2_NATIVE_KERNELS=0`,
-`available()` is False, `unavailable_reason()` says why, and callers use torch ops (same results within
-fp32 rounding).
+ISA dispatch: on x86-64 the library is built for AVX2 + FMA + F16C; kernels for wider instruction sets
+(AVX512 with VNNI for the int8 products, AVX512_BF16 for bf16) are compiled into the same library with
+per-function target attributes and used only where `cpu_features()` reports them, so one build runs on
+AVX2-only CPUs. On aarch64 the integer kernels are NEON (with vdotq_s32 where the CPU has the dot-product
+extension) and the float ones plain C; any other CPU gets plain C throughout (`csrc/decode_generic.c`).
+Each kernel object picks its variant when it is created (`kernel_isa`), capped by `LFM2_KERNEL_ISA`.
+
+Nothing here is required: without a C compiler (or OpenMP: Apple's clang), on an x86 CPU without AVX2/FMA,
+or with `LFM2_NATIVE_KERNELS=0`, `available()` is False, `unavailable_reason()` says why (logged once), and
+callers use torch ops (same results within fp32 rounding; bit-identical for w8a8).
 
 Environment:
     LFM2_NATIVE_KERNELS=0      never build or load the kernels
+    LFM2_KERNEL_ISA=avx2       the widest instruction set the kernels may use (x86: avx2 | avx512; aarch64:
+                               neon | dotprod; default: the widest this CPU has) -- tests force avx2
+    LFM2_KERNEL_PORTABLE=1     build the plain C kernels only, as on CPUs other than x86-64 / aarch64 (tests
+                               check that code on x86 this way)
     LFM2_KERNEL_CACHE=DIR      where built libraries live (default ~/.cache/lfm2_train/kernels)
     CC=...                     the C compiler (default: cc, gcc or clang, first found)
 """
@@ -37,14 +47,27 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "decode.c"
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = tuple(sorted(CSRC.glob("*.c")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
+CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+X86_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 LDLIBS = ("-lm",)
 ENV_SWITCH = "LFM2_NATIVE_KERNELS"
 ENV_CACHE = "LFM2_KERNEL_CACHE"
+ENV_ISA = "LFM2_KERNEL_ISA"
+ENV_PORTABLE = "LFM2_KERNEL_PORTABLE"
+# Instruction-set levels per kind of build (lfm2_build_arch()), narrowest first: the values of `isa`
+# arguments and LFM2_KERNEL_ISA; a level's index is what the C entry points take.
+ISA_LEVELS = {"x86": ("avx2", "avx512"), "neon": ("neon", "dotprod"), "portable": ("generic",)}
+ALL_ISAS = tuple(name for levels in ISA_LEVELS.values() for name in levels)
+_ARCHES = ("x86", "neon", "portable")  # lfm2_build_arch() values
+# lfm2_cpu_features() bits (csrc/kernels.h)
+FEAT_AVX2, FEAT_AVX512, FEAT_AVX512_BF16, FEAT_NEON_DOTPROD = 1, 2, 4, 8
 
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
+_INT = ctypes.c_int
 _SIGNATURES = {
     "lfm2_gemv_f32": [_PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_gemv_bf16": [_PTR, _PTR, _PTR, _I64, _I64, _I64],
@@ -54,7 +77,16 @@ _SIGNATURES = {
     "lfm2_rms_norm_f32": [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float],
     "lfm2_conv_step_f32": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_max_threads": [],
+    "lfm2_cpu_features": [],
+    "lfm2_build_arch": [],
+    "lfm2_gemv_w8a8": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
+    "lfm2_gemv_q4_0": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
+    "lfm2_dequantize_q4_0": [_PTR, _PTR, _PTR, _I64, _I64],
 }
+# Present only when the compiler can target AVX512 (csrc/kernels.h: LFM2_HAVE_AVX512).
+_OPTIONAL = {"lfm2_gemv_bf16_avx512": [_PTR, _PTR, _PTR, _I64, _I64, _I64]}
+_RETURNS_INT = ("lfm2_max_threads", "lfm2_cpu_features", "lfm2_build_arch", "lfm2_gemv_w8a8", "lfm2_gemv_q4_0",
+                "lfm2_gemv_bf16_avx512")
 
 
 class NativeKernelError(RuntimeError):
@@ -72,9 +104,25 @@ def _compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
+def _portable() -> bool:
+    return os.environ.get(ENV_PORTABLE, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cflags() -> tuple[str, ...]:
+    """x86-64: the AVX2 baseline; plain C builds: -DLFM2_PORTABLE; aarch64: the compiler's default ARMv8."""
+    if _portable():
+        return (*CFLAGS, "-DLFM2_PORTABLE")
+    return (*CFLAGS, *X86_FLAGS) if _is_x86() else CFLAGS
+
+
 def _cpu_reason() -> str | None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernels are x86-64 AVX2 code; this machine is {platform.machine()}"
+    """Why this CPU cannot run the build `_cflags` makes (x86-64 needs AVX2/FMA), or None."""
+    if not _is_x86() or _portable():
+        return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2/FMA (torch reports capability {capability})"
@@ -82,9 +130,11 @@ def _cpu_reason() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    """Compile `SOURCE` once per (source, flags, compiler); concurrent builders race harmlessly."""
+    """Compile `SOURCES` once per (sources, flags, compiler); concurrent builders race harmlessly."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode()).hexdigest()[:16]
+    flags = _cflags()
+    text = b"".join(p.name.encode() + p.read_bytes() for p in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(text + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f"lfm2_decode-{key}.so"
     if target.exists():
         return target
@@ -92,10 +142,11 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        cmd = [cc, *CFLAGS, str(SOURCE), "-o", tmp, *LDLIBS]
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", tmp, *LDLIBS]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise OSError(f"`{cc} {' '.join(CFLAGS)} {SOURCE.name}` failed:\n{proc.stderr.strip()[-2000:]}")
+            names = " ".join(p.name for p in SOURCES)
+            raise OSError(f"`{cc} {' '.join(flags)} {names}` failed:\n{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a reader sees no library or a whole one
     finally:
         if os.path.exists(tmp):
@@ -121,21 +172,30 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build(cc)))
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes = argtypes
-        lib.lfm2_max_threads.restype = ctypes.c_int
+        for name, argtypes in [*_SIGNATURES.items(), *_OPTIONAL.items()]:
+            if name in _SIGNATURES or hasattr(lib, name):
+                fn = getattr(lib, name)
+                fn.argtypes = argtypes
+                fn.restype = ctypes.c_int if name in _RETURNS_INT else None
     except (OSError, AttributeError) as err:
-        _reason = f"building or loading {SOURCE.name} failed: {err}"
+        _reason = f"building or loading {' '.join(p.name for p in SOURCES)} failed: {err}"
+        return None
+    if _ARCHES[lib.lfm2_build_arch()] == "x86" and not lib.lfm2_cpu_features() & FEAT_AVX2:
+        _reason = "the CPU lacks AVX2/FMA (the kernels' baseline)"
         return None
     return lib
+
+
+@functools.cache
+def _log_unavailable(reason: str | None) -> None:
+    log.warning("native CPU kernels unavailable (%s); using torch ops", reason)
 
 
 def available() -> bool:
     """True when the kernels are built and loaded (builds them on the first call, a second or two)."""
     lib = _library()
-    if lib is None:
-        log.info("native CPU kernels unavailable (%s); using torch ops", _reason)
+    if lib is None and os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no"):
+        _log_unavailable(_reason)  # once per reason; not when switched off on purpose
     return lib is not None
 
 
@@ -158,7 +218,58 @@ def max_threads() -> int:
     return int(require().lfm2_max_threads())
 
 
+def cpu_features() -> int:
+    """FEAT_* bits: what this CPU has and this build of the kernels can use."""
+    return int(require().lfm2_cpu_features())
+
+
+def build_arch() -> str:
+    """What the loaded library was built as: "x86", "neon" (aarch64) or "portable" (plain C)."""
+    return _ARCHES[int(require().lfm2_build_arch())]
+
+
+def isas() -> tuple[str, ...]:
+    """The ISA levels the kernels can run here, narrowest first (e.g. ("avx2", "avx512"))."""
+    levels, feats = ISA_LEVELS[build_arch()], cpu_features()
+    extended = feats & FEAT_AVX512 if levels[0] == "avx2" else feats & FEAT_NEON_DOTPROD if levels[0] == "neon" else 0
+    return levels if extended else levels[:1]
+
+
+def kernel_isa(requested: str | None = None) -> str:
+    """The ISA level a new kernel object uses: `requested`, else LFM2_KERNEL_ISA, else the widest, and never
+    wider than this CPU has (the setting is a cap, so one configuration runs on every machine; a level of
+    another architecture caps nothing)."""
+    want = requested if requested is not None else (os.environ.get(ENV_ISA) or "").strip().lower() or None
+    if want is not None and want not in ALL_ISAS:
+        raise ValueError(f"{ENV_ISA} / isa must be one of {ALL_ISAS}, got {want!r}")
+    here = isas()
+    return want if want in here else here[-1]
+
+
+def _isa_code(isa: str) -> int:
+    return ISA_LEVELS[build_arch()].index(isa)
+
+
 _WEIGHT_FN = {torch.float32: "lfm2_gemv_f32", torch.bfloat16: "lfm2_gemv_bf16", torch.int8: "lfm2_gemv_i8"}
+
+
+def _check_matrix(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor of shape {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+
+
+def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"gemv x must be (M, {K}), got {tuple(x.shape)}")
+    if x.dtype != torch.float32:
+        x = x.float()
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _checked(rc: int | None) -> None:
+    if rc:
+        raise MemoryError("native gemv: allocating its activation workspace failed")
 
 
 class Gemv:
@@ -168,9 +279,14 @@ class Gemv:
     with x (M, K) returns `x @ weight.T` (times `scale` per output for int8) as (M, N) fp32, accumulated in
     fp32; x is converted to contiguous fp32 first (it is small). Decode calls this ~60 times per token, so
     the per-call work is kept to a shape check.
+
+    bf16 weights times bf16 activations (the bf16 fast path) use vdpbf16ps on a CPU with AVX512_BF16 (and
+    `isa` avx512): products of two bf16 are exact in fp32, so this loses nothing (csrc/bf16_gemv.c). fp32
+    activations always take the kernel that widens each weight to fp32, keeping x at fp32 precision.
+    `self.isa` says which variant bf16 activations get.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, isa: str | None = None) -> None:
         lib = require()
         if weight.dtype not in _WEIGHT_FN:
             raise TypeError(f"gemv weight dtype must be one of {sorted(map(str, _WEIGHT_FN))}, got {weight.dtype}")
@@ -183,22 +299,107 @@ class Gemv:
                                   or not scale.is_contiguous()):
             raise ValueError(f"gemv scale must be contiguous fp32 of shape ({self.N},), got {tuple(scale.shape)}")
         self.weight, self.scale = weight, scale  # held: the kernel reads their memory
-        self._fn = getattr(lib, _WEIGHT_FN[weight.dtype])
+        self.isa = isas()[0]
+        self._fn = self._bf16_fn = getattr(lib, _WEIGHT_FN[weight.dtype])
+        if (weight.dtype == torch.bfloat16 and kernel_isa(isa) == "avx512"
+                and cpu_features() & FEAT_AVX512_BF16 and hasattr(lib, "lfm2_gemv_bf16_avx512")):
+            self.isa, self._bf16_fn = "avx512", lib.lfm2_gemv_bf16_avx512
         self._operands = (weight.data_ptr(),) if scale is None else (weight.data_ptr(), scale.data_ptr())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.K:
-            raise ValueError(f"gemv x must be (M, {self.K}), got {tuple(x.shape)}")
-        if x.dtype != torch.float32:
-            x = x.float()
-        if not x.is_contiguous():
-            x = x.contiguous()
+        fn = self._bf16_fn if x.dtype == torch.bfloat16 else self._fn
+        x = _as_rows(x, self.K)
         M = x.shape[0]
         y = torch.empty(M, self.N, dtype=torch.float32)
         if M == 0 or self.N == 0:
             return y.zero_()
-        self._fn(x.data_ptr(), *self._operands, y.data_ptr(), M, self.N, self.K)
+        _checked(fn(x.data_ptr(), *self._operands, y.data_ptr(), M, self.N, self.K))
         return y
+
+
+class GemvW8A8:
+    """W8A8 matrix-vector product (csrc/int8_gemv.c): x (M, K) float -> (M, N) fp32, bit-identical to
+    `quant.w8a8_matmul` (x quantized per row to int8, exact int32 sums, then * d[m] * scale[n]).
+
+    `q` (N, K) int8 in [-127, 127] (the AVX2 sign trick needs -128 absent), `scale` (N,) fp32.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, isa: str | None = None) -> None:
+        lib = require()
+        if q.dim() != 2:
+            raise ValueError(f"w8a8 weight must be 2-D, got {tuple(q.shape)}")
+        self.N, self.K = q.shape
+        _check_matrix("w8a8 weight", q, torch.int8, (self.N, self.K))
+        _check_matrix("w8a8 scale", scale, torch.float32, (self.N,))
+        if q.numel() and int(q.min()) == -128:
+            raise ValueError("w8a8 weights must lie in [-127, 127] (quant.quantize_rowwise's range)")
+        self.q, self.scale = q, scale
+        self.wsum = q.sum(dim=1, dtype=torch.int32).contiguous()  # row sums: VNNI reads x + 128
+        self.isa = kernel_isa(isa)
+        self._isa_code = _isa_code(self.isa)
+        self._fn = lib.lfm2_gemv_w8a8
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_rows(x, self.K)
+        y = torch.empty(x.shape[0], self.N, dtype=torch.float32)
+        _checked(self._fn(x.data_ptr(), self.q.data_ptr(), self.scale.data_ptr(), self.wsum.data_ptr(),
+                          y.data_ptr(), x.shape[0], self.N, self.K, self._isa_code))
+        return y
+
+
+def _q4_shapes(N: int, K: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    groups, nb = -(-N // 8), -(-K // 32)
+    return (groups, nb, 8, 16), (groups, nb, 8)
+
+
+class GemvQ4:
+    """q4_0 matrix-vector product (csrc/int8_gemv.c): x (M, K) float -> (M, N) fp32, x quantized per block
+    of 32 to int8 (as `quant.quantize_activation_blocks`), int32 sums per block, fp32 across blocks.
+
+    `packed` / `scales`: `quant.pack_q4_0`'s layout for an (N, K) weight (any N, K; padded inside).
+    """
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, N: int, K: int, isa: str | None = None) -> None:
+        lib = require()
+        pshape, sshape = _q4_shapes(N, K)
+        _check_matrix("q4_0 packed weight", packed, torch.uint8, pshape)
+        _check_matrix("q4_0 scales", scales, torch.float16, sshape)
+        self.N, self.K = N, K
+        self.packed, self.scales = packed, scales
+        self.isa = kernel_isa(isa)
+        self._isa_code = _isa_code(self.isa)
+        self._fn = lib.lfm2_gemv_q4_0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_rows(x, self.K)
+        y = torch.empty(x.shape[0], self.N, dtype=torch.float32)
+        _checked(self._fn(x.data_ptr(), self.packed.data_ptr(), self.scales.data_ptr(), y.data_ptr(),
+                          x.shape[0], self.N, self.K, self._isa_code))
+        return y
+
+
+def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor, K: int, start: int, stop: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 weights (stop - start, K) of rows [start, stop) of a packed q4_0 matrix; `start` a multiple of 8.
+
+    Exact (d * (q - 8) fits fp32); one pass over the packed bytes, for prefill's GEMM. `out`: a contiguous
+    fp32 tensor of that shape to write into (a reused buffer saves page-faulting fresh memory per call).
+    """
+    lib = require()
+    groups, nb = packed.shape[:2]
+    if start % 8 or not 0 <= start <= stop <= groups * 8 or packed.shape != _q4_shapes(groups * 8, K)[0] \
+            or scales.shape != _q4_shapes(groups * 8, K)[1] or not (packed.is_contiguous() and scales.is_contiguous()):
+        raise ValueError(f"dequantize_q4_0: rows [{start}, {stop}) of packed {tuple(packed.shape)} / scales "
+                         f"{tuple(scales.shape)} with K={K}")
+    if out is None:
+        out = torch.empty(stop - start, K, dtype=torch.float32)
+    elif out.shape != (stop - start, K) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"dequantize_q4_0 out must be contiguous fp32 ({stop - start}, {K}), got {tuple(out.shape)}")
+    if out.numel():
+        g = start // 8
+        lib.lfm2_dequantize_q4_0(packed.data_ptr() + g * nb * 128, scales.data_ptr() + g * nb * 16,
+                                 out.data_ptr(), stop - start, K)
+    return out
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

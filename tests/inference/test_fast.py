@@ -1,5 +1,6 @@
 """The fast CPU path (`FastLFM2`) against the reference model: identical greedy tokens in fp32 (dense and MoE,
-left-padded batches, chunked prefill), logits to float rounding, bf16 / int8 within stated tolerances."""
+left-padded batches, chunked prefill), logits to float rounding, bf16 / int8 / w8a8 / q4_0 within stated
+tolerances."""
 
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ PROMPTS = [
 ]
 # Largest |fast - reference| / max |reference logit| over all real positions (init 0.02 models).
 # bf16: the reference model run in bf16 shows the same error (0.004 dense, 0.022 MoE), since both round
-# activations to bf16 at the same points; int8 adds the per-row weight rounding (1/254 of a row's max).
-TOL = {("tiny", "bf16"): 0.01, ("tiny", "int8"): 0.02, ("tiny-moe", "bf16"): 0.05, ("tiny-moe", "int8"): 0.05}
+# activations to bf16 at the same points; int8 adds the per-row weight rounding (1/254 of a row's max);
+# w8a8 the per-token activation rounding too (measured 0.010-0.017); q4_0 rounds weights to 1/16 of a
+# block's max, a large step on random Gaussian weights (measured 0.09-0.13; trained models: see
+# test_quant_agreement.py).
+TOL = {("tiny", "bf16"): 0.01, ("tiny", "int8"): 0.02, ("tiny-moe", "bf16"): 0.05, ("tiny-moe", "int8"): 0.05,
+       ("tiny", "w8a8"): 0.03, ("tiny-moe", "w8a8"): 0.03, ("tiny", "q4_0"): 0.2, ("tiny-moe", "q4_0"): 0.2}
 
 
 # Decode's matrix-vector products through the native kernels and through `F.linear`: both must agree.
@@ -75,15 +80,15 @@ def test_all_position_logits_match_reference(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "w8a8", "q4_0"])
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_low_precision_logits_within_tolerance(name: str, mode: str, kernels: str) -> None:
     model = build(name, init=0.02)
     ids, mask = left_pad(PROMPTS, pad_id=0)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask)
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # int8: fp32 activations
-    fast = FastLFM2.from_model(model, dtype=dtype, int8=mode == "int8", kernels=kernels)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # quantized modes: fp32 activations
+    fast = FastLFM2.from_model(model, dtype=dtype, quant=None if mode == "bf16" else mode, kernels=kernels)
     got = fast.logits(ids, mask)
     real = mask.bool()
     rel = ((got - ref)[real].abs().max() / ref[real].abs().max()).item()
@@ -142,13 +147,22 @@ def test_errors_name_the_problem() -> None:
         FastLFM2.from_model(build("tiny"), prefill_chunk=0)
     with pytest.raises(ValueError, match="float dtype"):
         FastLFM2.from_model(build("tiny"), dtype=torch.int8)
+    with pytest.raises(ValueError, match="quant must be None or one of"):
+        FastLFM2.from_model(build("tiny"), quant="q2_k")
+    with pytest.raises(ValueError, match="contradicts"):
+        FastLFM2.from_model(build("tiny"), int8=True, quant="w8a8")
 
 
 def test_weight_bytes_per_token() -> None:
     model = build("tiny")
     assert FastLFM2.from_model(model).weight_bytes_per_token == 4 * model.num_parameters()
-    int8 = FastLFM2.from_model(model, int8=True).weight_bytes_per_token
-    assert int8 < 0.3 * 4 * model.num_parameters()  # int8 matrices + fp32 scales, norms and conv taps
+    int8 = FastLFM2.from_model(model, int8=True)
+    assert int8.quant == "int8" and int8.int8  # the older spelling
+    assert int8.weight_bytes_per_token < 0.3 * 4 * model.num_parameters()  # int8 + fp32 scales, norms, taps
+    w8a8 = FastLFM2.from_model(model, quant="w8a8", kernels="torch").weight_bytes_per_token
+    assert w8a8 == int8.weight_bytes_per_token
+    q4 = FastLFM2.from_model(model, quant="q4_0").weight_bytes_per_token
+    assert q4 < 0.6 * w8a8  # 4.5 bits per weight in the projections
 
 
 def test_state_bytes_are_kv_plus_conv_window() -> None:
@@ -183,3 +197,13 @@ def test_int8_linear_kernels_agree(kernels: str) -> None:
     if kernels == "native":
         torch.testing.assert_close(decode, exact, atol=1e-5, rtol=1e-5)
     assert ((decode - exact).abs().max() / exact.abs().max()).item() < 0.02
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_w8a8_padded_rows_equal_single_prompts(kernels: str) -> None:
+    """Activations are quantized per token, so a row's numbers do not depend on its batch neighbours, and
+    prefill (integer GEMM) and decode (integer matrix-vector) compute the same integers."""
+    fast = FastLFM2.from_model(build("tiny"), quant="w8a8", kernels=kernels)
+    batch = generate(fast, PROMPTS, max_new_tokens=10)
+    for i, p in enumerate(PROMPTS):
+        assert generate(fast, p, max_new_tokens=10).tokens[0] == batch.tokens[i]

@@ -4,7 +4,11 @@
  * Why our own kernel: batch-1 decode is bound by the bytes of weights streamed from memory, and the BLAS
  * GEMV that torch reaches on CPU (MKL) streams about half of what the memory system delivers on some
  * machines (9-10 of 17-18 GB/s on an AMD EPYC with 2 cores). Reading 8 weight rows side by side, with one
- * FMA chain per row, keeps enough loads in flight to run at the read bandwidth.
+ * FMA chain per row, keeps enough loads in flight to run at the read bandwidth -- for rows of 4 KB and more.
+ * Shorter rows (bf16 or int8 at K = 1024, most of LFM2-350M) make eight streams that each end after a few
+ * lines, before the hardware prefetcher has caught up: there each row is read on its own, one sequential
+ * stream with four FMA chains (measured on one core, bf16 K = 1024: 23 against 11 GB/s; K = 4608: 15
+ * against 16 GB/s). kernels.h: LFM2_SEQUENTIAL_BELOW.
  *
  * W is row-major (N, K): the same layout the prefill GEMM uses, so no second copy of the weights exists.
  * Weights are fp32, bf16 (raw uint16) or int8 (with per-row fp32 `scale`); x and y are fp32 and
@@ -12,14 +16,19 @@
  * and reused from cache for every row of x. Threads: OpenMP over weight blocks (torch's own OpenMP
  * runtime once torch is loaded, so `torch.set_num_threads` applies here too).
  *
- * Build: cc -O3 -mavx2 -mfma -fopenmp -shared -fPIC (see lfm2_train/inference/native.py).
+ * Build: cc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC (see lfm2_train/inference/native.py). This is the
+ * x86-64 code; other CPUs (and builds with -DLFM2_PORTABLE) get decode_generic.c's plain C versions.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kernels.h"
+
+#if LFM2_X86
+#include <immintrin.h>
 
 #define BLOCK 8 /* weight rows per block: 8 accumulators + x + a load fit AVX2's 16 registers */
 
@@ -84,20 +93,37 @@ static inline __attribute__((always_inline)) void dot_block(const float *x, cons
     }
 }
 
+/* One row against x: a single sequential stream, four independent FMA chains. */
 static inline __attribute__((always_inline)) float dot_row(const float *x, const void *w, int64_t row, int64_t K,
                                                            int wt) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t base = row * K;
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(load8(w, row * K + k, wt), _mm256_loadu_ps(x + k), acc);
-    float s = hsum(acc);
-    for (; k < K; k++) s += load1(w, row * K + k, wt) * x[k];
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(load8(w, base + k, wt), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load8(w, base + k + 8, wt), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(w, base + k + 16, wt), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(w, base + k + 24, wt), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w, base + k, wt), _mm256_loadu_ps(x + k), a0);
+    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += load1(w, base + k, wt) * x[k];
     return s;
 }
 
-/* Weight block b (rows b*BLOCK ...) against every row of x: rows of x after the first reuse it from cache. */
+/* Weight block b (rows b*BLOCK ...) against every row of x: rows of x after the first reuse it from cache.
+ * Short rows are read one after another (see the top of the file), long ones 8 side by side. */
 static inline __attribute__((always_inline)) void gemv_block(const float *x, const void *w, const float *scale,
                                                              float *y, int64_t M, int64_t N, int64_t K, int64_t b,
                                                              int wt) {
+    if (K * elem_size(wt) < LFM2_SEQUENTIAL_BELOW) {
+        for (int64_t n = b * BLOCK; n < (b + 1) * BLOCK; n++)
+            for (int64_t m = 0; m < M; m++) {
+                const float s = dot_row(x + m * K, w, n, K, wt);
+                y[m * N + n] = scale ? s * scale[n] : s;
+            }
+        return;
+    }
     float out[BLOCK];
     for (int64_t m = 0; m < M; m++) {
         dot_block(x + m * K, w, b * BLOCK, 1, K, wt, out);
@@ -273,8 +299,12 @@ void lfm2_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
     for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_BF16);
 }
 
+#endif /* LFM2_X86 */
+
 /* The OpenMP runtime's thread count as this library sees it (tests check it follows torch's). */
 int lfm2_max_threads(void) { return omp_get_max_threads(); }
+
+#if LFM2_X86
 
 /* RMSNorm of fp32 rows: y = w * (x / sqrt(mean(x^2) + eps)), statistics in fp32. One call instead of the
  * seven small torch ops it replaces: decode normalises 45 vectors per token (LFM2-350M), and each small
@@ -299,6 +329,8 @@ void lfm2_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, i
         for (; j < d; j++) yr[j] = w[j] * (xr[j] * r);
     }
 }
+
+#endif /* LFM2_X86 */
 
 /* One decode step of LFM2's gated short convolution, fp32, after in_proj:
  * bcx (B, 3d) = [b | c | x] of the new token; state (B, k-1, d) the last k-1 gated inputs, oldest first,
