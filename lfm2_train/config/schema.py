@@ -338,6 +338,9 @@ class EvalStageConfig:
     tokenizer: str | None = None  # default: the checkpoint's own tokenizer, else the bundled tiny one
     tasks: list[Any] = field(default_factory=lambda: [{"kind": "perplexity"}, {"kind": "arithmetic"}])
     runner: str = "reference"  # inference path for generation / scoring (lfm2_train.evaluation.RUNNERS)
+    # runner=fast only: int8 | w8a8 | q4_0 weights for generation tasks (what a quantized deployment answers);
+    # scoring (perplexity, multiple choice) reads the model's own weights
+    quant: str | None = None
     batch_size: int = 16  # prompts per generation batch, requests per scoring batch
     dtype: str = "float32"  # float32 | bfloat16
     limit: int | None = None  # at most this many examples per task (quick checks); None = all

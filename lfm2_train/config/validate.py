@@ -105,6 +105,7 @@ RULES: list[Rule] = [
     ("stage.kd.kd_weight", _non_negative, ">= 0"),
     ("stage.kd.kd_weight_end", _optional(_non_negative), "null or >= 0"),
     ("stage.beta", _positive, "> 0"),
+    ("stage.quant", lambda v: v in (None, "int8", "w8a8", "q4_0"), "null, int8, w8a8 or q4_0"),
     ("stage.label_smoothing", lambda v: isinstance(v, _NUMBER) and 0 <= v < 0.5, "in [0, 0.5)"),
     ("stage.epochs", _optional(_positive), "null or > 0"),
     ("stage.embedding_dropout", _fraction, "in [0, 1)"),

@@ -123,9 +123,9 @@ class FastRunner(ReferenceRunner):
     """Generation through the fast CPU path (`inference/fast.py`, weights laid out once per runner; greedy
     tokens equal the reference path's in fp32); log-likelihood scoring as the reference path."""
 
-    def __init__(self, model: LFM2ForCausalLM, batch_size: int = 16) -> None:
+    def __init__(self, model: LFM2ForCausalLM, batch_size: int = 16, quant: str | None = None) -> None:
         super().__init__(model, batch_size)
-        self.fast = FastLFM2.from_model(model)
+        self.fast = FastLFM2.from_model(model, quant=quant)  # quant: generation runs on the quantized weights
 
     def _generator(self) -> FastLFM2:
         return self.fast
@@ -135,7 +135,13 @@ class FastRunner(ReferenceRunner):
 RUNNERS: dict[str, Callable[[LFM2ForCausalLM, int], Runner]] = {"reference": ReferenceRunner, "fast": FastRunner}
 
 
-def make_runner(model: LFM2ForCausalLM, kind: str = "reference", batch_size: int = 16) -> Runner:
+def make_runner(model: LFM2ForCausalLM, kind: str = "reference", batch_size: int = 16,
+                quant: str | None = None) -> Runner:
+    """`quant` (int8 | w8a8 | q4_0) quantizes the fast runner's weights: what a quantized deployment scores."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; available: {sorted(RUNNERS)}")
-    return RUNNERS[kind](model, batch_size)
+    if quant is None:
+        return RUNNERS[kind](model, batch_size)
+    if kind != "fast":
+        raise ValueError(f"stage.quant={quant} runs on the fast CPU path: set stage.runner=fast (not {kind!r})")
+    return FastRunner(model, batch_size, quant=quant)

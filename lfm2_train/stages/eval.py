@@ -53,9 +53,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if len(set(names)) != len(names):
         raise ValueError(f"stage.tasks has duplicate names {names}; set a distinct 'name' on each")
 
+    if stage.quant is not None and stage.runner != "fast":
+        raise ValueError(f"stage.quant={stage.quant} runs on the fast CPU path: set stage.runner=fast")
     model = build_model(cfg.model).to(DTYPES[stage.dtype]).eval()
     tokenizer = checkpoint_tokenizer(stage, cfg.model.init_from, model.config.vocab_size)
-    runner = make_runner(model, stage.runner, stage.batch_size)
+    runner = make_runner(model, stage.runner, stage.batch_size, quant=stage.quant)
     if not cfg.model.init_from:
         print(f"note: model.init_from is not set: evaluating a randomly initialised {cfg.model.preset!r} preset")
 

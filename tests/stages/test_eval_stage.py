@@ -101,3 +101,39 @@ def test_eval_stage_lm_eval_task(tmp_path, checkpoint, tiny_dataset):
     assert tasks["lm_eval/pick_h"]["acc"] == tasks["pick"]["acc"]
     assert tasks["lm_eval/pick_h"]["acc_norm"] == tasks["pick"]["acc_norm"]
     assert tasks["lm_eval/pick_h"]["n"] == 2
+
+
+@pytest.mark.parametrize("quant", ["w8a8", "q4_0"])
+def test_eval_stage_generates_with_a_quantized_deployment(tmp_path, checkpoint, tiny_dataset, quant, monkeypatch):
+    """stage.quant builds the fast path with quantized weights, and the generation task's responses are the
+    ones that quantized path gives when called directly."""
+    from lfm2_train.evaluation.tasks import run_generation
+    from lfm2_train.inference.fast import FastLFM2
+
+    built = []
+    original = FastLFM2.from_model.__func__
+
+    def spy(cls, model, **kw):
+        built.append(kw.get("quant"))
+        return original(cls, model, **kw)
+
+    monkeypatch.setattr(FastLFM2, "from_model", classmethod(spy))
+    gen = _write(tmp_path / "sums.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(5)])
+    cfg = _cfg(tmp_path / "run", checkpoint, tiny_dataset, "stage.runner=fast", f"stage.quant={quant}")
+    cfg.stage.tasks = [{"kind": "generation", "path": gen, "chat": False, "metric": "numeric", "name": "sums"}]
+    run_stage(cfg)
+    assert built == [quant]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "eval_samples.jsonl").read_text().splitlines()]
+    model = LFM2ForCausalLM.from_pretrained(checkpoint).eval()
+    tok = LFM2Tokenizer.from_pretrained(checkpoint)
+    spec = parse_task({"kind": "generation", "path": gen, "chat": False, "metric": "numeric", "name": "sums"}, 0)
+    direct = run_generation(spec, make_runner(model, "fast", quant=quant), tok)
+    assert len(samples) == 5 and [s["response"] for s in samples] == [s["response"] for s in direct.samples]
+
+
+def test_eval_stage_refuses_quant_without_the_fast_runner(tmp_path, checkpoint, tiny_dataset):
+    cfg = _cfg(tmp_path / "run", checkpoint, tiny_dataset, "stage.quant=w8a8")
+    with pytest.raises(ValueError, match="stage.runner=fast"):
+        run_stage(cfg)
+    with pytest.raises(ValueError, match="stage.quant"):
+        run_stage(_cfg(tmp_path / "run2", checkpoint, tiny_dataset, "stage.runner=fast", "stage.quant=int4"))
