@@ -29,8 +29,9 @@ attention off, `logits_all=False` (logits of the last position only, read with `
 
 Greedy agreement: how many of the first `--decode` greedy tokens (the prefill's argmax, then each decode
 step's) agree before the first difference, between the two engines and against our fp32 path.
-Bandwidth limit: copy bandwidth measured here (as `bench_fast_decode.py` does) / weight bytes one decode step
-reads; the fraction of it each engine reaches (ours: `FastLFM2.weight_bytes_per_token`; llama.cpp: the GGUF
+Bandwidth limit: read bandwidth measured here (`bench_fast_decode.read_bandwidth`: a 512 MiB `amax`, the
+read-only stream a decode step is; copy bandwidth is reported too) / weight bytes one decode step reads; the
+fraction of it each engine reaches (ours: `FastLFM2.weight_bytes_per_token`; llama.cpp: the GGUF
 file's tensor bytes, which a step reads whole, the tied head included).
 
     pip install -e ".[deploy]"                                     # llama-cpp-python (compiles llama.cpp)
@@ -63,7 +64,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fast_decode import copy_bandwidth  # noqa: E402
+from bench_fast_decode import copy_bandwidth, read_bandwidth  # noqa: E402
 
 from lfm2_train.inference import native  # noqa: E402
 from lfm2_train.inference.fast import FastLFM2  # noqa: E402
@@ -402,9 +403,9 @@ def bench(args: argparse.Namespace, llama_cpp: ModuleType) -> dict[str, Any]:
     torch.set_num_threads(args.threads)  # the bandwidth probe; each engine sets its own in its worker
     info = machine_info(args.threads, llama_cpp)
     info["loadavg_start"] = os.getloadavg()
-    bandwidth = copy_bandwidth()
-    print(f"{info['cpu']}, {args.threads} threads, load average {info['loadavg_start'][0]:.2f}; "
-          f"copy bandwidth {bandwidth:.1f} GB/s; native kernels {info['native_kernels']}", flush=True)
+    bandwidth, copy = read_bandwidth(), copy_bandwidth()
+    print(f"{info['cpu']}, {args.threads} threads, load average {info['loadavg_start'][0]:.2f}; read bandwidth "
+          f"{bandwidth:.1f} GB/s (copy {copy:.1f}); native kernels {info['native_kernels']}", flush=True)
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     params = None
@@ -448,7 +449,7 @@ def bench(args: argparse.Namespace, llama_cpp: ModuleType) -> dict[str, Any]:
                 reference = {r["prompt"]: r["ours_tokens"] for r in mode_rows}
             rows += mode_rows
     info["loadavg_end"] = os.getloadavg()
-    return {"machine": info, "copy_bandwidth_gb_s": bandwidth, "n_batch": N_BATCH,
+    return {"machine": info, "read_bandwidth_gb_s": bandwidth, "copy_bandwidth_gb_s": copy, "n_batch": N_BATCH,
             "model": str(args.model) if args.model else f"{args.preset} (random init, seed {args.seed})",
             "params": params, "args": {k: str(v) for k, v in vars(args).items()},
             "gguf_files": {k: {"bytes": v["bytes"], "export_s": v["export_s"], "tensor_types": v["tensor_types"]}
@@ -463,8 +464,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['model']}{params}. {m['cpu']} ({flags}), "
         f"{m['logical_cpus']} logical CPUs, {m['threads']} threads; {m['date']}; load average "
-        f"{m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end. Copy bandwidth "
-        f"{result['copy_bandwidth_gb_s']:.1f} GB/s. torch {m['torch']}, llama-cpp-python {m['llama_cpp_python']} "
+        f"{m['loadavg_start'][0]:.2f} at the start, {m['loadavg_end'][0]:.2f} at the end. Read bandwidth "
+        f"{result['read_bandwidth_gb_s']:.1f} GB/s (copy {result['copy_bandwidth_gb_s']:.1f}). torch {m['torch']}, "
+        f"llama-cpp-python {m['llama_cpp_python']} "
         f"(n_batch {result['n_batch']}, f16 KV cache), gguf {m['gguf']}; our native kernels {m['native_kernels']}.",
         "",
         "| mode (ours / llama.cpp) | prompt | prefill tok/s ours | theirs | ratio | decode tok/s ours | theirs "

@@ -54,7 +54,10 @@ class DenseLinear:
 
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
         self.weight = weight.detach().contiguous()
-        self.upcast_gemm = self.weight.dtype in (torch.bfloat16, torch.float16)
+        # 16-bit prefill GEMMs run in fp32 on upcast operands unless the CPU has bf16 matrix hardware
+        # (the result is rounded to the activation dtype either way; the sums are fp32 in both).
+        half = self.weight.dtype in (torch.bfloat16, torch.float16)
+        self.upcast_gemm = half and not (self.weight.dtype == torch.bfloat16 and native.bf16_gemm_in_hardware())
         native_dtype = self.weight.dtype in (torch.float32, torch.bfloat16)
         self.gemv = native.Gemv(self.weight) if use_native and native_dtype else None
 
@@ -70,7 +73,7 @@ class DenseLinear:
                 y = y if x.dtype == torch.float32 else y.to(x.dtype)
                 return y.view(*x.shape[:-1], self.weight.shape[0])
             return F.linear(x, self.weight)
-        if self.upcast_gemm:
+        if self.upcast_gemm or x.dtype != self.weight.dtype:
             return native.gemm(x.float(), self.weight.float()).to(x.dtype)
         return native.gemm(x, self.weight)
 

@@ -482,6 +482,17 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
+@functools.cache
+def bf16_gemm_in_hardware() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512_BF16 or AMX), so oneDNN's bf16 GEMM is the
+    fast one: measured on an AMD EPYC with AVX512_BF16, 354 GF/s for bf16 against ~120 GF/s for fp32 at
+    LFM2-350M's prefill shapes. Without it oneDNN emulates bf16 and the fp32 GEMM on upcast operands wins."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return bool(torch.backends.mkldnn.is_available() and cpu is not None
+                and any(getattr(cpu, name, lambda: False)() for name in checks))
+
+
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T` for many rows: oneDNN's fp32 GEMM where torch has it, else `F.linear` (MKL).
 

@@ -120,6 +120,21 @@ def test_bf16_model_defaults_to_bf16_fast_path() -> None:
     assert [len(t) for t in generate(fast, PROMPTS, max_new_tokens=4).tokens] == [len(t) for t in ref.tokens]
 
 
+@pytest.mark.parametrize("hardware", [True, False])
+def test_bf16_prefill_gemm_in_bf16_or_upcast_matches_the_fp32_reference(monkeypatch, hardware) -> None:
+    """Prefill GEMMs stay in bf16 on a CPU with bf16 matrix hardware and run in fp32 on upcast operands
+    elsewhere; either way the logits are the fp32 model's within bf16 rounding (both accumulate in fp32)."""
+    monkeypatch.setattr(native, "bf16_gemm_in_hardware", lambda: hardware)
+    model = build("tiny", init=0.02)
+    ids = torch.randint(0, model.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).float()
+    fast = FastLFM2.from_model(model, dtype=torch.bfloat16, prefill_chunk=64)
+    assert all(lin.upcast_gemm is not hardware for lin in fast.layers[0].linears())
+    got = fast.logits(ids).float()
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_state_reorder_keeps_rows() -> None:
     model = build("tiny", init=0.02)
     fast = FastLFM2.from_model(model)
