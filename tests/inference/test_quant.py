@@ -201,14 +201,26 @@ def test_q4_0_dequantize_native_equals_torch() -> None:
         native.dequantize_q4_0(native_lin.packed, native_lin.scales, 200, 3, 10)
 
 
-def test_q4_0_prefill_gemm_in_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bf16_hardware", [False, True])
+def test_q4_0_prefill_gemm_in_row_chunks(monkeypatch: pytest.MonkeyPatch, bf16_hardware: bool) -> None:
+    """Prefill multiplies dequantized row chunks: in fp32, or in bf16 (operands rounded to bf16, fp32 sums)
+    on a CPU with bf16 matrix hardware; chunking never changes the result."""
+    monkeypatch.setattr(quant.native, "bf16_gemm_in_hardware", lambda: bf16_hardware)
     _, w = data(40, 64, 1, 4)
     x = torch.randn(20, 64)
     lin = quant.Q4Linear(w)
     whole = lin(x)
     monkeypatch.setattr(quant, "DEQUANT_CHUNK_ELEMENTS", 16 * 64)  # 16 rows per chunk: 3 chunks
     torch.testing.assert_close(lin(x), whole, rtol=0, atol=0)
-    torch.testing.assert_close(whole, x @ lin.dequantize().t(), rtol=1e-6, atol=1e-6)
+    deq = lin.dequantize()
+    if bf16_hardware:  # the reference of the bf16 GEMM: bf16 operands, fp32 sums, one bf16 rounding at the end
+        ref = x.bfloat16().double() @ deq.bfloat16().double().t()
+        assert ((whole.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()
+        exact = x.double() @ deq.double().t()  # and within bf16 rounding of both operands of the fp32 product
+        bound = 2 * 2**-8 * (x.double().abs() @ deq.double().abs().t()) + 2**-8 * exact.abs()
+        assert ((whole.double() - exact).abs() <= bound).all()
+    else:
+        torch.testing.assert_close(whole, x @ deq.t(), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- bf16
@@ -261,8 +273,9 @@ def test_tied_embedding_rows_are_the_dequantized_head(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "q4_0"])
-def test_prefill_scratch_works_in_and_out_of_inference_mode(mode: str) -> None:
+def test_prefill_scratch_works_in_and_out_of_inference_mode(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dequantization buffer is reused across calls: one made under inference_mode must stay writable."""
+    monkeypatch.setattr(quant.native, "bf16_gemm_in_hardware", lambda: False)  # the fp32 GEMM, exact reference
     _, w = data(24, 64, 1, 6)
     lin = quant.make_quantized(w, mode)
     x = torch.randn(20, 64)
