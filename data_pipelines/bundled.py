@@ -9,12 +9,11 @@ The library reaches it as the data job `bundled` (`lfm2_train.jobs.run_job("bund
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lfm2_train.artifacts import sha256_json
+from lfm2_train.artifacts import cache_root, sha256_json
 
 from .corpus import bundled_corpus_dir, bundled_corpus_index
 
@@ -29,8 +28,7 @@ def bundled_dataset_dir(tokenizer_fingerprint: str | None = None) -> Path:
                 "tokenizer": tokenizer_fingerprint or "bundled-tiny", "location": str(bundled_corpus_dir()),
                 "version": 1}
     key = sha256_json(settings)[:12]
-    root = Path(os.environ.get("LFM2_TRAIN_CACHE", Path.home() / ".cache" / "lfm2_train"))
-    return root / f"bundled-{key}"
+    return cache_root() / f"bundled-{key}"
 
 
 def prepare_bundled_dataset(runtime: Any = None, tokenizer: Path | None = None) -> tuple[Path, Path]:

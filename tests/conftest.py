@@ -13,6 +13,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The content-addressed caches (bundled corpus shards, chat shards, reference log-probs) go to a directory of this
+# run, shared by its tests and their subprocesses, never to the user's ~/.cache/lfm2_train; a test that needs its
+# own sets LFM2_TRAIN_CACHE itself. The compiled kernels keep their own cache (LFM2_KERNEL_CACHE).
+if "LFM2_TRAIN_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _CACHE = tempfile.mkdtemp(prefix="lfm2_train_test_cache-")
+    os.environ["LFM2_TRAIN_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
 # Tiny models are latency-bound: one intra-op thread is faster than two and does not oversubscribe the
 # CI machine when subprocess tests run beside the main process.
 torch.set_num_threads(1)

@@ -5,6 +5,7 @@
   adapter), byte-for-byte stable so old artifacts keep validating;
 - `manifest`: JSON manifests read/written atomically and compared with a run's settings, with a readable
   `key: cached X, now Y` account of what changed;
+- `cache`: the one root of the content-addressed caches (`$LFM2_TRAIN_CACHE`);
 - `model_dir`: the model-directory manifest and the completeness check consumers run before trusting one.
 """
 
@@ -16,6 +17,7 @@ from .atomic import (
     write_json_atomic,
     write_text_atomic,
 )
+from .cache import CACHE_ENV, cache_root
 from .hashing import (
     adapter_sha256,
     checkpoint_files,
@@ -28,6 +30,8 @@ from .manifest import DataFormatError, describe_differences, differences, read_m
 from .model_dir import MODEL_MANIFEST, model_dir_problem, write_model_manifest
 
 __all__ = [
+    "CACHE_ENV",
+    "cache_root",
     "MODEL_MANIFEST",
     "DataFormatError",
     "adapter_sha256",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from ..artifacts import replace_dir
+from ..artifacts import cache_root, replace_dir
 from ..tokenizer import LFM2Tokenizer
 from .chat_dataset import ChatRows, EncodedRows, bundled_rows, dataset_fingerprint, load_chat_rows, load_difficulty
 from .chat_shards import (
@@ -42,11 +42,6 @@ from .preference import PreferencePairs
 log = logging.getLogger(__name__)
 
 STALE_TEMPORARY_S = 24 * 3600  # a cache temporary this old belongs to a killed run, not a slow one
-
-
-def cache_root() -> Path:
-    """`$LFM2_TRAIN_CACHE` (default ~/.cache/lfm2_train): shared with the bundled corpus and the caches."""
-    return Path(os.environ.get("LFM2_TRAIN_CACHE", Path.home() / ".cache" / "lfm2_train"))
 
 
 def cache_dir(identity: dict[str, Any]) -> Path:

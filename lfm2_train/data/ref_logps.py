@@ -17,7 +17,6 @@ the same policy as the teacher cache (`teacher_cache.py`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from ..artifacts import (
     DataFormatError,
     adapter_sha256,
+    cache_root,
     checkpoint_sha256,
     describe_differences,
     read_manifest,
@@ -70,8 +70,7 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 def default_cache_dir(key: dict[str, Any]) -> Path:
-    root = Path(os.environ.get("LFM2_TRAIN_CACHE", Path.home() / ".cache" / "lfm2_train"))
-    return root / "ref_logps" / key_digest(key)[:20]
+    return cache_root() / "ref_logps" / key_digest(key)[:20]
 
 
 def read_cache(directory: str | Path, key: dict[str, Any], n_pairs: int) -> np.ndarray | None:
