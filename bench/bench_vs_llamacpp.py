@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fast_decode import copy_bandwidth, read_bandwidth  # noqa: E402
+from bench_fast_decode import copy_bandwidth, read_bandwidth, run_fast  # noqa: E402
 
 from lfm2_train.inference import native  # noqa: E402
 from lfm2_train.inference.fast import FastLFM2  # noqa: E402
@@ -180,21 +180,9 @@ def build_fast(model: LFM2ForCausalLM, ours: str, kernels: str) -> FastLFM2:
         raise Unavailable(f"FastLFM2.from_model(quant={ours!r}): {err}") from err
 
 
-@torch.inference_mode()
 def run_ours(fast: FastLFM2, ids: list[int], steps: int) -> Run:
-    prompt = torch.tensor([ids])
-    t0 = time.perf_counter()
-    state = fast.new_state(1, len(ids) + steps + 1)
-    logits = fast.prefill(state, prompt)
-    t1 = time.perf_counter()
-    nxt = logits.argmax(-1)
-    tokens = [int(nxt)]
-    t2 = time.perf_counter()
-    for _ in range(steps):
-        nxt = fast.decode(state, nxt).argmax(-1)
-        tokens.append(int(nxt))
-    t3 = time.perf_counter()
-    return Run(t1 - t0, t3 - t2, tokens)
+    """The fast path's timed prefill + greedy decode, exactly as bench_fast_decode.py times it."""
+    return Run(*run_fast(fast, torch.tensor([ids]), steps))
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp

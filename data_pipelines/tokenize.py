@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing
 import re
-import shutil
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -41,9 +40,11 @@ from lfm2_train.data.format import (
     Manifest,
     ShardInfo,
     load_manifest,
+    remove_own_files,
     sha256_file,
     token_dtype,
     verify_shards,
+    wipe_dataset,
     write_json_atomic,
     write_shard,
 )
@@ -339,26 +340,6 @@ def _job_hash(identity: dict[str, Any]) -> str:
     return sha256_json({k: v for k, v in identity.items() if k != "inputs"})
 
 
-def _remove_ours(out: Path, keep: set[str]) -> list[str]:
-    """Delete the job's own files (shards, temporaries) except ``keep``; never touches anything else."""
-    removed = []
-    for p in sorted(out.iterdir()):
-        if p.is_file() and _OURS.match(p.name) and p.name not in keep:
-            p.unlink()
-            removed.append(p.name)
-    return removed
-
-
-def _wipe(out: Path) -> None:
-    """overwrite=true: remove our dataset files, its manifest, state and side files (scores/, order/)."""
-    for name in (MANIFEST, STATE_FILE):
-        (out / name).unlink(missing_ok=True)
-    for side in ("scores", "order"):
-        if (out / side).is_dir():
-            shutil.rmtree(out / side)
-    _remove_ours(out, keep=set())
-
-
 def _shard_ok(out: Path, info: ShardInfo) -> bool:
     files = ((out / f"{info.name}.bin", info.sha256), (out / f"{info.name}.idx", info.idx_sha256))
     return all(p.is_file() and sha256_file(p) == digest for p, digest in files)
@@ -377,7 +358,7 @@ def prepare_output(out: Path, cfg: TokenizeConfig, identity: dict[str, Any],
     job_hash = _job_hash(identity)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
-        _wipe(out)
+        wipe_dataset(out, _OURS, STATE_FILE)
         return None
     if (out / MANIFEST).is_file():
         try:
@@ -396,7 +377,7 @@ def prepare_output(out: Path, cfg: TokenizeConfig, identity: dict[str, Any],
         return {"complete": manifest}
     state_path = out / STATE_FILE
     if not state_path.is_file():
-        _remove_ours(out, keep=set())  # a job killed before its first shard
+        remove_own_files(out, _OURS)  # a job killed before its first shard
         return None
     try:
         state = json.loads(state_path.read_text())
@@ -407,7 +388,7 @@ def prepare_output(out: Path, cfg: TokenizeConfig, identity: dict[str, Any],
                             f"output_dir or set overwrite=true to discard it")
     if state.get("inputs") != inputs:
         log.warning("input files were modified since the interrupted run; starting over")
-        _wipe(out)
+        wipe_dataset(out, _OURS, STATE_FILE)
         return None
     kept = []
     for entry in state["shards"]:
@@ -417,7 +398,8 @@ def prepare_output(out: Path, cfg: TokenizeConfig, identity: dict[str, Any],
             break
         kept.append(entry)
     state["shards"] = kept
-    removed = _remove_ours(out, keep={f"{e['info']['name']}{x}" for e in kept for x in (".bin", ".idx")})
+    own = {f"{e['info']['name']}{x}" for e in kept for x in (".bin", ".idx")}
+    removed = remove_own_files(out, _OURS, keep=own)
     if removed:
         log.info("discarded partial files: %s", ", ".join(removed))
     return state

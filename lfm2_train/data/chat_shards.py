@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -45,9 +44,11 @@ from .format import (
     ShardInfo,
     ShardReader,
     load_manifest,
+    remove_own_files,
     sha256_file,
     token_dtype,
     verify_shards,
+    wipe_dataset,
     write_array_atomic,
     write_json_atomic,
     write_shard,
@@ -176,25 +177,6 @@ def _shard_ok(out: Path, info: ShardInfo, side: dict[str, str]) -> bool:
     return all((out / n).is_file() and sha256_file(out / n) == digest for n, digest in files)
 
 
-def _remove_ours(out: Path, keep: set[str]) -> list[str]:
-    removed = []
-    for p in sorted(out.iterdir()):
-        if p.is_file() and _OURS.match(p.name) and p.name not in keep:
-            p.unlink()
-            removed.append(p.name)
-    return removed
-
-
-def _wipe(out: Path) -> None:
-    """Remove a dataset of ours: manifest, state, shards and side files, scores/ and order/."""
-    for name in (MANIFEST, STATE_FILE):
-        (out / name).unlink(missing_ok=True)
-    for side in ("scores", "order"):
-        if (out / side).is_dir():
-            shutil.rmtree(out / side)
-    _remove_ours(out, keep=set())
-
-
 def verify_chat_shards(directory: str | Path, manifest: Manifest | None = None) -> Manifest:
     """Re-hash every shard and side file against the manifest; raise naming the first file that differs."""
     directory = Path(directory)
@@ -226,7 +208,7 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
     settings_hash = _settings_hash(identity)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        _wipe(out)
+        wipe_dataset(out, _OURS, STATE_FILE)
         return None
     if (out / MANIFEST).is_file():
         try:
@@ -247,7 +229,7 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
         return {"complete": manifest}
     state_path = out / STATE_FILE
     if not state_path.is_file():
-        _remove_ours(out, keep=set())  # killed before its first shard
+        remove_own_files(out, _OURS)  # killed before its first shard
         return None
     try:
         state = json.loads(state_path.read_text())
@@ -258,7 +240,7 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
                               f"another output_dir or set overwrite=true to discard it")
     if state.get("identity_hash") != identity_hash:
         log.warning("%s: the rows changed since the interrupted run; starting over", out)
-        _wipe(out)
+        wipe_dataset(out, _OURS, STATE_FILE)
         return None
     kept = []
     for entry in state["shards"]:
@@ -267,7 +249,8 @@ def _prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
             break
         kept.append(entry)
     state["shards"] = kept
-    _remove_ours(out, keep={f"{e['info']['name']}.{x}" for e in kept for x in ("bin", "idx", "mask", "rows")})
+    own = {f"{e['info']['name']}.{x}" for e in kept for x in ("bin", "idx", "mask", "rows")}
+    remove_own_files(out, _OURS, keep=own)
     return state
 
 

@@ -18,6 +18,8 @@ unfinished job, never a dataset.
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,25 @@ def save_order(directory: str | Path, name: str, order: np.ndarray, meta: dict[s
 
 def load_order(directory: str | Path, name: str, manifest: Manifest | None = None) -> tuple[np.ndarray, dict]:
     return _load_side(directory, "order", name, manifest or load_manifest(directory))
+
+
+def remove_own_files(out: Path, ours: re.Pattern[str], keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Delete the files in `out` a shard writer made (names matching `ours`: shards, side files, temporaries)
+    except `keep`; never anything else in the directory. -> the names removed."""
+    removed = []
+    for p in sorted(out.iterdir()):
+        if p.is_file() and ours.match(p.name) and p.name not in keep:
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def wipe_dataset(out: Path, ours: re.Pattern[str], state_file: str) -> None:
+    """Remove a dataset a shard writer made (overwrite=true): its manifest, resume state, side directories
+    (scores/, order/) and its own files."""
+    for name in (MANIFEST, state_file):
+        (out / name).unlink(missing_ok=True)
+    for side in ("scores", "order"):
+        if (out / side).is_dir():
+            shutil.rmtree(out / side)
+    remove_own_files(out, ours)

@@ -496,9 +496,9 @@ def bf16_gemm_in_hardware() -> bool:
 def gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T` for many rows: oneDNN's fp32 GEMM where torch has it, else `F.linear` (MKL).
 
-    Why not always `F.linear`: on the benchmark machine (AMD EPYC, AVX2) oneDNN's fp32 GEMM ran 10-40%
-    faster than MKL's for every prefill shape of LFM2-350M (docs/BENCHMARKS.md), with the same fp32 result
-    up to summation order.
+    Why not always `F.linear`: on the benchmark machine (AMD EPYC) oneDNN's fp32 GEMM is the faster of the two
+    for LFM2-350M's prefill shapes (its share of a prefill: docs/BENCHMARKS.md, "Fast CPU inference path"),
+    with the same fp32 result up to summation order.
     """
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
         flat = x.reshape(-1, x.shape[-1])
