@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ..model import ATTENTION, LFM2Config, LFM2ForCausalLM
 from ..model.cache import reorder_rows
-from . import native
+from . import native, pages
+from .decode_step import DecodeStep
 from .decoding import GenerationOutput, run_generation
 from .quant import QUANT_MODES, QuantLinear, make_quantized
 from .sampling import SamplingConfig
@@ -53,7 +54,8 @@ class DenseLinear:
     """
 
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
-        self.weight = weight.detach().contiguous()
+        # Streamed once per decode step by the native kernels: from huge pages (`pages`).
+        self.weight = pages.copy(weight) if use_native else weight.detach().contiguous()
         # 16-bit prefill GEMMs run in fp32 on upcast operands unless the CPU has bf16 matrix hardware
         # (the result is rounded to the activation dtype either way; the sums are fp32 in both).
         half = self.weight.dtype in (torch.bfloat16, torch.float16)
@@ -201,7 +203,7 @@ class FastLFM2:
     """Inference-only LFM2 on plain tensors; see the module docstring for what makes it fast."""
 
     def __init__(self, model: LFM2ForCausalLM, dtype: torch.dtype, quant: str | None, prefill_chunk: int,
-                 kernels: str = "auto") -> None:
+                 kernels: str = "auto", kv_dtype: torch.dtype | None = None, fused: bool = True) -> None:
         cfg: LFM2Config = model.config
         if prefill_chunk < 1:
             raise ValueError(f"FastLFM2 prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -213,6 +215,13 @@ class FastLFM2:
         self.int8 = quant == "int8"
         # Quantized modes keep activations / state in `dtype` (fp32 by default); only the projections change.
         self.act_dtype = dtype
+        # The KV cache: fp16 by default for quantized fp32 modes (half the bytes a long-context step reads;
+        # llama.cpp's default too, and its rounding is far below the weights'), else the activation dtype.
+        if kv_dtype is None:
+            kv_dtype = torch.float16 if quant is not None and dtype == torch.float32 else dtype
+        if kv_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"FastLFM2 kv_dtype must be a float dtype, got {kv_dtype}")
+        self.kv_dtype = kv_dtype
         self.prefill_chunk = prefill_chunk
         self.use_native = resolve_kernels(kernels)  # before any weight is copied: `native` may refuse
         # RMSNorm and the conv step in one native call each (fp32 inside, also for bf16 activations):
@@ -245,10 +254,13 @@ class FastLFM2:
                 self.embed_q, self.embed = None, embed.to(self.act_dtype)
         self.inv_freq = model.model.rotary.inv_freq.detach().float()
         self._cos = self._sin = torch.empty(0)
+        # Decode as one native call per token where every projection has a kernel (decode_step.py).
+        self.step = DecodeStep.build(self) if fused else None
 
     @classmethod
     def from_model(cls, model: LFM2ForCausalLM, *, dtype: torch.dtype | None = None, quant: str | None = None,
-                   int8: bool = False, prefill_chunk: int = 512, kernels: str = "auto") -> FastLFM2:
+                   int8: bool = False, prefill_chunk: int = 512, kernels: str = "auto",
+                   kv_dtype: torch.dtype | None = None, fused: bool = True) -> FastLFM2:
         """Copy `model`'s weights into the inference layout.
 
         `dtype`: float dtype of weights and activations (default: the model's). `quant`: quantize every dense
@@ -258,6 +270,9 @@ class FastLFM2:
         spelling of quant="int8".
         `kernels`: matrix-vector products of decode through the native kernels (`native`: required; `auto`:
         when they build on this machine) or through `F.linear` (`torch`); see `inference.native`.
+        `kv_dtype`: the KV cache's dtype (default: fp16 for quantized fp32 modes, else `dtype`).
+        `fused`: with native kernels, run each decode step as one native call (`inference.decode_step`) when
+        the model allows it (no MoE layer); False keeps the layer-by-layer path (tests compare the two).
         """
         if dtype is None:
             dtype = model.model.embed_tokens.weight.dtype
@@ -265,7 +280,7 @@ class FastLFM2:
             raise ValueError(f"FastLFM2 dtype must be a float dtype, got {dtype}")
         if int8 and quant not in (None, "int8"):
             raise ValueError(f"FastLFM2: int8=True means quant='int8'; it contradicts quant={quant!r}")
-        return cls(model, dtype, "int8" if int8 else quant, prefill_chunk, kernels)
+        return cls(model, dtype, "int8" if int8 else quant, prefill_chunk, kernels, kv_dtype, fused)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -284,8 +299,8 @@ class FastLFM2:
         for i, layer in enumerate(self.layers):
             if layer.is_attention:
                 shape = (batch_size, layer.n_kv, max_length, layer.head_dim)
-                keys[i] = torch.zeros(shape, dtype=self.act_dtype)
-                values[i] = torch.zeros(shape, dtype=self.act_dtype)
+                keys[i] = pages.empty(shape, self.kv_dtype)  # zeroed; streamed by every decode step
+                values[i] = pages.empty(shape, self.kv_dtype)
             else:
                 conv[i] = torch.zeros(batch_size, self.kernel - 1, cfg.hidden_size, dtype=self.conv_dtype)
         self._rope_table(max_length)
@@ -333,8 +348,17 @@ class FastLFM2:
     @torch.inference_mode()
     def decode(self, state: FastState, ids: torch.Tensor) -> torch.Tensor:
         """One token per row: ids (B,) or (B, 1) -> fp32 logits (B, V)."""
-        h = self._forward(state, ids.reshape(state.batch_size, 1), None)
-        return self.head(h[:, -1]).float()
+        B = state.batch_size
+        if self.step is None or B > GEMM_MIN_ROWS:
+            h = self._forward(state, ids.reshape(B, 1), None)
+            return self.head(h[:, -1]).float()
+        if state.length + 1 > state.max_length:
+            raise ValueError(f"FastState holds {state.max_length} tokens; {state.length} used, 1 more requested")
+        h = self._embed(ids.reshape(B)).float().contiguous()  # (B, d) fp32: the step's residual stream
+        self.step(state, h)
+        state.length += 1
+        state.next_position += 1
+        return self.head(h.to(self.act_dtype)).float()
 
     @torch.inference_mode()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -412,6 +436,7 @@ class FastLFM2:
         elif T == 1:
             # GQA decode as two batched products over KV heads: q rows of one group share a K/V head.
             qg = q.view(B, G, H // G, D)  # head h uses kv head h // (H/G), as repeat_interleave does
+            keys, values = keys.to(qg.dtype), values.to(qg.dtype)
             scores = torch.matmul(qg, keys.transpose(-1, -2)) * layer.scale  # (B, G, H/G, S)
             if mask is not None:
                 scores = scores.masked_fill(~mask.view(B, 1, 1, P + 1), float("-inf"))
@@ -419,7 +444,7 @@ class FastLFM2:
             out = torch.matmul(probs, values).reshape(B, 1, H * D)  # (B, 1, H*D)
         else:
             qt = q.transpose(1, 2)
-            if self.act_dtype != torch.float32:  # no native bf16 attention on AVX2 CPUs: fp32 is faster
+            if self.act_dtype != torch.float32 or keys.dtype != torch.float32:  # 16-bit attention is slow on CPUs
                 qt, keys, values = qt.float(), keys.float(), values.float()
             out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=mask is None,
                                                  scale=layer.scale, enable_gqa=H != G)

@@ -74,6 +74,7 @@ _SIGNATURES = {
     "lfm2_gemv_i8": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_decode_attention_f32": [_PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 6, ctypes.c_float],
     "lfm2_decode_attention_bf16": [_PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 6, ctypes.c_float],
+    "lfm2_decode_attention_f16": [_PTR, _PTR, _PTR, _PTR, _PTR, *[_I64] * 6, ctypes.c_float],
     "lfm2_rms_norm_f32": [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float],
     "lfm2_conv_step_f32": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64],
     "lfm2_max_threads": [],
@@ -82,11 +83,13 @@ _SIGNATURES = {
     "lfm2_gemv_w8a8": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "lfm2_gemv_q4_0": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "lfm2_dequantize_q4_0": [_PTR, _PTR, _PTR, _I64, _I64],
+    "lfm2_decode_step": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR],
+    "lfm2_round_half": [_PTR, _PTR, _I64, _INT],
 }
 # Present only when the compiler can target AVX512 (csrc/kernels.h: LFM2_HAVE_AVX512).
 _OPTIONAL = {"lfm2_gemv_bf16_avx512": [_PTR, _PTR, _PTR, _I64, _I64, _I64]}
 _RETURNS_INT = ("lfm2_max_threads", "lfm2_cpu_features", "lfm2_build_arch", "lfm2_gemv_w8a8", "lfm2_gemv_q4_0",
-                "lfm2_gemv_bf16_avx512")
+                "lfm2_gemv_bf16_avx512", "lfm2_decode_step")
 
 
 class NativeKernelError(RuntimeError):
@@ -449,11 +452,27 @@ def conv_step(bcx: torch.Tensor, state: torch.Tensor, taps: torch.Tensor) -> tor
     return out
 
 
+_ATTENTION_FN = {torch.float32: "lfm2_decode_attention_f32", torch.bfloat16: "lfm2_decode_attention_bf16",
+                 torch.float16: "lfm2_decode_attention_f16"}
+
+
+def round_half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 x rounded to bf16 or fp16 by the kernels' own conversion (what the decode step writes into a 16-bit
+    KV cache); tests hold it to torch's `.to(dtype)`."""
+    codes = {torch.bfloat16: 1, torch.float16: 2}
+    if x.dtype != torch.float32 or dtype not in codes:
+        raise ValueError(f"round_half takes fp32 x and bf16 / fp16, got {x.dtype} -> {dtype}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype)
+    require().lfm2_round_half(x.data_ptr(), out.data_ptr(), x.numel(), codes[dtype])
+    return out
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float,
                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of one query token per row over the first `length` cached positions.
 
-    q (B, H, D); keys / values: the whole preallocated cache (B, G, L, D), contiguous, fp32 or bf16;
+    q (B, H, D); keys / values: the whole preallocated cache (B, G, L, D), contiguous, fp32, bf16 or fp16;
     valid (B, length) bool (False = padding) or None. Query head h uses KV head h // (H // G).
     Returns (B, H, D) fp32 (softmax and sums in fp32).
     """
@@ -465,8 +484,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     G, L = keys.shape[1], keys.shape[2]
     if H % G or not 0 < length <= L:
         raise ValueError(f"decode_attention needs H ({H}) divisible by G ({G}) and 0 < length ({length}) <= {L}")
-    if keys.dtype != values.dtype or keys.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"decode_attention cache dtype must be fp32 or bf16, got {keys.dtype} / {values.dtype}")
+    if keys.dtype != values.dtype or keys.dtype not in _ATTENTION_FN:
+        raise TypeError(f"decode_attention cache dtype must be fp32, bf16 or fp16, got {keys.dtype} / {values.dtype}")
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("decode_attention needs contiguous caches (pass the preallocated buffers, not slices)")
     q = q.to(torch.float32).contiguous()
@@ -476,7 +495,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             raise ValueError(f"decode_attention valid must be (B, length) = ({B}, {length}), got {tuple(valid.shape)}")
         mask = valid.to(torch.uint8).contiguous()
     out = torch.empty(B, H, D, dtype=torch.float32)
-    fn = lib.lfm2_decode_attention_f32 if keys.dtype == torch.float32 else lib.lfm2_decode_attention_bf16
+    fn = getattr(lib, _ATTENTION_FN[keys.dtype])
     fn(q.data_ptr(), keys.data_ptr(), values.data_ptr(), mask.data_ptr() if mask is not None else None,
        out.data_ptr(), B, H, G, L, length, D, scale)
     return out

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, pages
 
 QUANT_MODES = ("int8", "w8a8", "q4_0")
 Q4_BLOCK = 32  # weights per q4_0 block (along K)
@@ -225,6 +225,8 @@ class Int8Linear:
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
         _check_weight(weight)
         self.q, self.scale = quantize_rowwise(weight)
+        if use_native:  # streamed once per decode step: from huge pages
+            self.q = pages.copy(self.q)
         self.scale_bf16 = self.scale.to(torch.bfloat16)
         self.out_features, self.in_features = self.q.shape
         self.gemv = native.Gemv(self.q, self.scale) if use_native else None
@@ -262,6 +264,8 @@ class W8A8Linear:
     def __init__(self, weight: torch.Tensor, use_native: bool = False) -> None:
         _check_weight(weight)
         self.q, self.scale = quantize_rowwise(weight)
+        if use_native:
+            self.q = pages.copy(self.q)
         self.out_features, self.in_features = self.q.shape
         self.gemv = native.GemvW8A8(self.q, self.scale) if use_native else None
 
@@ -293,6 +297,8 @@ class Q4Linear:
         _check_weight(weight)
         self.out_features, self.in_features = weight.shape
         self.packed, self.scales = pack_q4_0(*quantize_q4_0(weight))
+        if use_native:
+            self.packed = pages.copy(self.packed)
         self.gemv = native.GemvQ4(self.packed, self.scales, self.out_features, self.in_features) \
             if use_native else None
         self.use_native = use_native

@@ -32,7 +32,7 @@
 
 #define BLOCK 8 /* weight rows per block: 8 accumulators + x + a load fit AVX2's 16 registers */
 
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F16 = 3 };
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,6 +48,7 @@ static inline __attribute__((always_inline)) __m256 load8(const void *w, int64_t
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
+    if (wt == W_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
     __m128i b = _mm_loadl_epi64((const __m128i *)((const int8_t *)w + i));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
@@ -60,10 +61,13 @@ static inline __attribute__((always_inline)) float load1(const void *w, int64_t 
         memcpy(&f, &u, sizeof f);
         return f;
     }
+    if (wt == W_F16) return _cvtsh_ss(((const uint16_t *)w)[i]);
     return (float)((const int8_t *)w)[i];
 }
 
-static inline __attribute__((always_inline)) int64_t elem_size(int wt) { return wt == W_F32 ? 4 : wt == W_BF16 ? 2 : 1; }
+static inline __attribute__((always_inline)) int64_t elem_size(int wt) {
+    return wt == W_F32 ? 4 : (wt == W_BF16 || wt == W_F16) ? 2 : 1;
+}
 
 /* out[r] = dot(x, W[row0 + r * stride]) for the BLOCK rows row0, row0 + stride, ...
  * The loop walks one 64-byte line of each of the 8 rows per iteration (software prefetch on top of this was
@@ -192,7 +196,7 @@ static inline float hmax(__m256 v) {
 
 /* Decode attention: one new query token per row, grouped-query heads over a preallocated cache.
  *
- * q (B, H, D) fp32; k, v: the cache, (B, G, L, D) fp32 or bf16, of which the first S positions are used;
+ * q (B, H, D) fp32; k, v: the cache, (B, G, L, D) fp32, bf16 or fp16, of which the first S positions are used;
  * valid (B, S) bytes (0 = padding, never attended) or NULL; out (B, H, D) fp32. Query head h reads KV head
  * h / (H / G), as `repeat_interleave` would. One pass over the cache per (row, KV head), 8 positions at a
  * time from 8 segments of it, with an online softmax in fp32 (running max and sum, the output rescaled
@@ -297,6 +301,13 @@ void lfm2_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
                                 float scale) {
 #pragma omp parallel for schedule(static)
     for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_BF16);
+}
+
+void lfm2_decode_attention_f16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid,
+                               float *out, int64_t B, int64_t H, int64_t G, int64_t L, int64_t S, int64_t D,
+                               float scale) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_F16);
 }
 
 #endif /* LFM2_X86 */

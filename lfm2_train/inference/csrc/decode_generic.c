@@ -11,7 +11,7 @@
 #include "kernels.h"
 
 #if !LFM2_X86
-enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_F16 = 3 };
 
 static inline __attribute__((always_inline)) float load1(const void *w, int64_t i, int wt) {
     if (wt == W_F32) return ((const float *)w)[i];
@@ -21,6 +21,7 @@ static inline __attribute__((always_inline)) float load1(const void *w, int64_t 
         memcpy(&f, &u, sizeof f);
         return f;
     }
+    if (wt == W_F16) return lfm2_half_to_float(((const uint16_t *)w)[i]);
     return (float)((const int8_t *)w)[i];
 }
 
@@ -123,6 +124,13 @@ void lfm2_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_
                                 float scale) {
 #pragma omp parallel for schedule(static)
     for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_BF16);
+}
+
+void lfm2_decode_attention_f16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid,
+                               float *out, int64_t B, int64_t H, int64_t G, int64_t L, int64_t S, int64_t D,
+                               float scale) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_F16);
 }
 
 void lfm2_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps) {

@@ -150,25 +150,6 @@ static void quantize_blocks(const float *x, int64_t K, int64_t nb, int8_t *q, fl
 }
 
 /* IEEE half -> float, exact (subnormals included); the q4_0 scales are stored as fp16. */
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else { /* subnormal: man * 2^-24, normalised */
-        uint32_t e = 0;
-        while (!(man & 0x400)) man <<= 1, e++;
-        bits = sign | ((113 - e) << 23) | ((man & 0x3FF) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* ------------------------------------------------------------------------------------ W8A8 row kernels */
 /* out[r] = sum_k q[k] * rows[r][k] for 8 rows read side by side (the caller aliases missing rows to a real
  * one); kernels with an `offset` return sum_k (q[k] + offset) * rows[r][k] instead, and the driver
@@ -454,7 +435,7 @@ static void q4_rows_generic(const int8_t *q, const float *d, const int32_t *bias
             const uint8_t *v = p + 16 * r;
             int32_t t = start;
             for (int j = 0; j < 16; j++) t += (v[j] & 15) * x[j] + (v[j] >> 4) * x[16 + j];
-            out[r] += (float)t * (half_to_float(s[r]) * d[b]);
+            out[r] += (float)t * (lfm2_half_to_float(s[r]) * d[b]);
         }
     }
 }
@@ -560,7 +541,7 @@ void lfm2_dequantize_q4_0(const uint8_t *packed, const uint16_t *scales, float *
         const int64_t g = n / LFM2_ROWS, r = n % LFM2_ROWS;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *bytes = packed + ((g * nb + b) * LFM2_ROWS + r) * 16;
-            const float d = half_to_float(scales[(g * nb + b) * LFM2_ROWS + r]);
+            const float d = lfm2_half_to_float(scales[(g * nb + b) * LFM2_ROWS + r]);
             float v[32];
             for (int j = 0; j < 16; j++) {
                 v[j] = d * (float)((bytes[j] & 15) - 8);

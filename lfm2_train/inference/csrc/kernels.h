@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define LFM2_ROWS 8 /* weight rows per group: the unit of work of every matrix-vector kernel */
 /* Rows of fewer bytes are read one after another, longer ones LFM2_ROWS side by side (decode.c's top). */
@@ -60,6 +61,27 @@ enum { LFM2_ARCH_X86 = 0, LFM2_ARCH_NEON = 1, LFM2_ARCH_PORTABLE = 2 };
  * next call (contents undefined). The kernels quantize or convert the activations into it once per call,
  * before their parallel loop; the OpenMP workers only read it. Returns NULL when out of memory. */
 void *lfm2_workspace(size_t bytes);
+
+/* IEEE fp16 bits -> float, exactly (subnormals included): fp16 scales and the fp16 KV cache. */
+static inline float lfm2_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else { /* subnormal: man * 2^-24, normalised */
+        uint32_t e = 0;
+        while (!(man & 0x400)) man <<= 1, e++;
+        bits = sign | ((113 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 
 int lfm2_cpu_features(void);
 int lfm2_build_arch(void);
