@@ -40,14 +40,14 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     for n in shape:
         numel *= int(n)
     nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-    if nbytes < HUGE_PAGE or not enabled():
-        return torch.zeros(tuple(shape), dtype=dtype)
-    try:
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError):  # e.g. a kernel built without THP: ordinary pages
-        return torch.zeros(tuple(shape), dtype=dtype)
     with torch.inference_mode(False):  # a normal tensor, writable in and out of inference mode
+        if nbytes < HUGE_PAGE or not enabled():
+            return torch.zeros(tuple(shape), dtype=dtype)
+        try:
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except (OSError, ValueError):  # e.g. a kernel built without THP: ordinary pages
+            return torch.zeros(tuple(shape), dtype=dtype)
         return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(tuple(shape))
 
 

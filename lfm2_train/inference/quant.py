@@ -4,7 +4,7 @@ Decode on CPU is bound by the bytes of weights streamed per token, so fewer byte
 speed-up available, as long as the arithmetic per weight keeps up with memory. The three modes:
 
 - `int8` (`Int8Linear`): weights int8 with one fp32 scale per output row, activations stay float; the
-  decode kernel widens every weight to fp32 (1 byte per weight; prefill dequantizes for an fp32 GEMM).
+  decode kernel widens every weight to fp32 (1 byte per weight; prefill dequantizes for a GEMM).
 - `w8a8` (`W8A8Linear`): the same weights; each row of activations is quantized to int8 with its own scale
   (d = amax / 127, round half to even), and the products are exact int32 dot products (VNNI / vpmaddubsw
   in `csrc/int8_gemv.c`), scaled by d * scale[n] at the end. Prefill runs the same integer product as a GEMM
@@ -12,7 +12,11 @@ speed-up available, as long as the arithmetic per weight keeps up with memory. T
 - `q4_0` (`Q4Linear`): weights in blocks of 32 along K, each block d * (q - 8) with q in [0, 15] and one fp16
   d (llama.cpp's q4_0 values: d = (the block's largest-magnitude weight) / -8), 4.5 bits per weight;
   activations quantized per block of 32 for decode (llama.cpp's q8_0). Prefill multiplies the float
-  activations with the dequantized weights (fp32 GEMM, a few thousand rows at a time).
+  activations with the dequantized weights (a few thousand rows at a time).
+
+Prefill's GEMMs over dequantized weights (int8, q4_0) take bf16 operands on CPUs that multiply bf16 matrices
+in hardware (`native.bf16_gemm_in_hardware`; about 3x the fp32 GEMM there) and fp32 elsewhere; the sums are
+fp32 either way, and bf16 rounds the activations (2^-9) less than the weights are rounded.
 
 The module-level functions are plain torch and are the references the native kernels are tested against;
 `kernels="torch"` runs the modes through them (bit-identical for w8a8, within fp32 rounding for q4_0).
@@ -219,6 +223,12 @@ def _dequantized_gemm(x: torch.Tensor, N: int, K: int,
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _prefill_gemm_dtype() -> torch.dtype:
+    """The operand dtype of prefill's GEMMs over dequantized weights: bf16 on CPUs with bf16 matrix hardware
+    (about 3x the fp32 GEMM there), else fp32 (see `native.bf16_gemm_in_hardware`)."""
+    return torch.bfloat16 if native.bf16_gemm_in_hardware() else torch.float32
+
+
 class Int8Linear:
     """Weight-only int8: `y = x @ (q * scale).T` without materialising the float weight on the decode path."""
 
@@ -254,7 +264,10 @@ class Int8Linear:
         elif flat.shape[0] <= INT8_MATVEC_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self.scale_bf16)
         else:  # prefill: one dequantize per matrix is cheap next to an (M, K) x (K, N) GEMM
-            y = _dequantized_gemm(flat.float(), self.out_features, self.in_features, self._rows_into)
+            # bf16 operands where the CPU multiplies bf16 matrices in hardware (as q4_0 prefill does): bf16
+            # rounds the activations by at most 2^-9, the weights' int8 rounding is up to 1/254 of the row's max.
+            y = _dequantized_gemm(flat.float(), self.out_features, self.in_features, self._rows_into,
+                                  _prefill_gemm_dtype())
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
@@ -341,10 +354,9 @@ class Q4Linear:
             # In bf16 where the CPU multiplies bf16 matrices in hardware (3x the fp32 GEMM): bf16 rounds the
             # activations less (2^-9) than this mode's decode does (int8 blocks, 2^-8), so nothing is lost
             # next to the 4-bit weights.
-            gemm_dtype = torch.bfloat16 if native.bf16_gemm_in_hardware() else torch.float32
             y = _dequantized_gemm(flat.float(), self.out_features, self.in_features,
                                   lambda start, stop, out: self.dequantize(start=start, stop=stop, out=out),
-                                  gemm_dtype)
+                                  _prefill_gemm_dtype())
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 

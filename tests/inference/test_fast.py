@@ -201,14 +201,20 @@ def test_quantize_rowwise_error_is_half_a_step() -> None:
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_int8_linear_kernels_agree(kernels: str) -> None:
+@pytest.mark.parametrize("hardware", [False, True])
+def test_int8_linear_kernels_agree(kernels: str, hardware: bool, monkeypatch) -> None:
+    monkeypatch.setattr(native, "bf16_gemm_in_hardware", lambda: hardware)
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
     lin = Int8Linear(w, use_native=kernels == "native")
     x = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
     exact = x @ lin.dequantize().t()
     decode = lin(x)  # native: fp32 activations; torch: aten._weight_int8pack_mm on bf16 activations
-    gemm = lin(x.expand(32, 64))[:1]  # dequantized fp32 GEMM
-    torch.testing.assert_close(gemm, exact, atol=1e-5, rtol=1e-5)
+    gemm = lin(x.expand(32, 64))[:1]  # prefill: a GEMM over the dequantized weights
+    if hardware:  # bf16 operands: x rounded by at most 2^-9 relative, the dequantized int8 weights exactly
+        bound = 2.0**-9 * (x.abs() @ lin.dequantize().abs().t()) + 1e-6
+        assert bool(((gemm - exact).abs() <= bound).all())
+    else:  # fp32 GEMM
+        torch.testing.assert_close(gemm, exact, atol=1e-5, rtol=1e-5)
     if kernels == "native":
         torch.testing.assert_close(decode, exact, atol=1e-5, rtol=1e-5)
     assert ((decode - exact).abs().max() / exact.abs().max()).item() < 0.02

@@ -166,7 +166,7 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 # (B, H, G, D, L, S): GQA ratios 1, 2 and 4; head sizes with and without a vector tail; lengths with and
 # without a partial last block of 8 positions; one position only
 @pytest.mark.parametrize("B,H,G,D,L,S", [(1, 16, 8, 64, 40, 33), (2, 4, 4, 12, 20, 8), (3, 8, 2, 16, 17, 1),
@@ -212,8 +212,10 @@ def test_decode_attention_rejects_bad_arguments() -> None:
         native.decode_attention(q, cache[:, :, :5], cache[:, :, :5], 4, 1.0)
     with pytest.raises(ValueError, match=r"valid must be \(B, length\)"):
         native.decode_attention(q, cache, cache, 4, 1.0, torch.ones(1, 5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="fp32 or bf16"):
-        native.decode_attention(q, cache.half(), cache.half(), 4, 1.0)
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        native.decode_attention(q, cache.double(), cache.double(), 4, 1.0)
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        native.decode_attention(q, cache.half(), cache.bfloat16(), 4, 1.0)
 
 
 @needs_native

@@ -68,7 +68,12 @@ def test_portable_build_decodes_the_reference_tokens(portable: None) -> None:
     model = LFM2ForCausalLM(get_preset("tiny").replace(initializer_range=0.2)).eval()
     prompts = [[5, 9, 3, 7, 1], [4], [8, 2, 6]]
     fast = FastLFM2.from_model(model, kernels="native")
+    assert fast.step is not None  # the whole decode step in one call of the plain C build
     assert generate(fast, prompts, max_new_tokens=12).tokens == generate(model, prompts, max_new_tokens=12).tokens
+    for quant in ("w8a8", "q4_0"):  # quantized projections and the fp16 KV cache through the step
+        fused = FastLFM2.from_model(model, quant=quant, kernels="native")
+        layered = FastLFM2.from_model(model, quant=quant, kernels="native", fused=False)
+        assert generate(fused, prompts, max_new_tokens=8).tokens == generate(layered, prompts, max_new_tokens=8).tokens
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
