@@ -82,7 +82,7 @@ _SIGNATURES = {
     "lfm2_build_arch": [],
     "lfm2_gemv_w8a8": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
     "lfm2_gemv_q4_0": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT],
-    "lfm2_dequantize_q4_0": [_PTR, _PTR, _PTR, _I64, _I64],
+    "lfm2_dequantize_q4_0": [_PTR, _PTR, _PTR, _I64, _I64, _INT],
     "lfm2_decode_step": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR],
     "lfm2_round_half": [_PTR, _PTR, _I64, _INT],
 }
@@ -382,11 +382,13 @@ class GemvQ4:
 
 
 def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor, K: int, start: int, stop: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 weights (stop - start, K) of rows [start, stop) of a packed q4_0 matrix; `start` a multiple of 8.
+                    out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float weights (stop - start, K) of rows [start, stop) of a packed q4_0 matrix; `start` a multiple of 8.
 
-    Exact (d * (q - 8) fits fp32); one pass over the packed bytes, for prefill's GEMM. `out`: a contiguous
-    fp32 tensor of that shape to write into (a reused buffer saves page-faulting fresh memory per call).
+    fp32: exact (d * (q - 8) fits fp32); bf16: that value rounded to nearest even, as `.to(torch.bfloat16)`
+    would (for a bf16 prefill GEMM: half the bytes written, no conversion pass). One pass over the packed
+    bytes. `out`: a contiguous tensor of that shape and dtype to write into (a reused buffer saves
+    page-faulting fresh memory per call); its dtype wins over `dtype`.
     """
     lib = require()
     groups, nb = packed.shape[:2]
@@ -395,13 +397,14 @@ def dequantize_q4_0(packed: torch.Tensor, scales: torch.Tensor, K: int, start: i
         raise ValueError(f"dequantize_q4_0: rows [{start}, {stop}) of packed {tuple(packed.shape)} / scales "
                          f"{tuple(scales.shape)} with K={K}")
     if out is None:
-        out = torch.empty(stop - start, K, dtype=torch.float32)
-    elif out.shape != (stop - start, K) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"dequantize_q4_0 out must be contiguous fp32 ({stop - start}, {K}), got {tuple(out.shape)}")
+        out = torch.empty(stop - start, K, dtype=dtype)
+    if out.shape != (stop - start, K) or out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
+        raise ValueError(f"dequantize_q4_0 out must be contiguous fp32 or bf16 ({stop - start}, {K}), got "
+                         f"{out.dtype} {tuple(out.shape)}")
     if out.numel():
         g = start // 8
         lib.lfm2_dequantize_q4_0(packed.data_ptr() + g * nb * 128, scales.data_ptr() + g * nb * 16,
-                                 out.data_ptr(), stop - start, K)
+                                 out.data_ptr(), stop - start, K, int(out.dtype == torch.bfloat16))
     return out
 
 

@@ -194,18 +194,19 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"a quantized projection needs a non-empty 2-D weight, got shape {tuple(weight.shape)}")
 
 
-def _dequant_buffer(rows: int, cols: int) -> torch.Tensor:
-    """A reused fp32 (rows, cols) buffer for prefill's dequantized weights, one per thread.
+def _dequant_buffer(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused (rows, cols) buffer of `dtype` for prefill's dequantized weights, one per thread and dtype.
 
     Why: a fresh tensor of tens of MB per projection is page-faulted in on every call (the allocator
     returns large blocks to the OS), which cost about 10% of a q4_0 prefill GEMM; the layers run one after
     another, so one buffer serves them all.
     """
     need = rows * cols
-    buf = getattr(_scratch, "buf", None)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
     if buf is None or buf.numel() < need:
         with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
-            buf = _scratch.buf = torch.empty(need, dtype=torch.float32)
+            buf = buffers[dtype] = torch.empty(need, dtype=dtype)
     return buf[:need].view(rows, cols)
 
 
@@ -213,12 +214,13 @@ def _dequantized_gemm(x: torch.Tensor, N: int, K: int,
                       rows: Callable[[int, int, torch.Tensor], torch.Tensor],
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x (M, K) times a quantized (N, K) weight whose rows [start, stop) `rows(start, stop, out)`
-    dequantizes into `out` (fp32): GEMMs over at most DEQUANT_CHUNK_ELEMENTS weights at a time (chunks start
-    at multiples of 8), so the float copy stays bounded (the LM head alone is 268 MB in fp32). `dtype` is the
-    GEMM's operand dtype (bf16: each chunk and x rounded to bf16, sums in fp32)."""
+    dequantizes into `out` (of `dtype`, rounded from the exact fp32 values): GEMMs over at most
+    DEQUANT_CHUNK_ELEMENTS weights at a time (chunks start at multiples of 8), so the float copy stays bounded
+    (the LM head alone is 268 MB in fp32). `dtype` is the GEMM's operand dtype (bf16: each chunk and x
+    rounded to bf16, sums in fp32)."""
     step = max(Q4_ROWS, DEQUANT_CHUNK_ELEMENTS // max(1, K) // Q4_ROWS * Q4_ROWS)
     x = x.to(dtype)
-    parts = [native.gemm(x, rows(n, min(n + step, N), _dequant_buffer(min(n + step, N) - n, K)).to(dtype))
+    parts = [native.gemm(x, rows(n, min(n + step, N), _dequant_buffer(min(n + step, N) - n, K, dtype)))
              for n in range(0, N, step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -253,6 +255,7 @@ class Int8Linear:
         return self.q[ids].float() * self.scale[ids][..., None]
 
     def _rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) dequantized into `out` (computed in fp32, rounded once to out's dtype)."""
         return torch.mul(self.q[start:stop], self.scale[start:stop, None], out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,18 +325,20 @@ class Q4Linear:
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 weights of rows [start, stop) (start a multiple of 8), (stop - start, K); into `out` (fp32,
-        contiguous, that shape) when given."""
+        """Weights of rows [start, stop) (start a multiple of 8), (stop - start, K), exact in fp32 and then
+        rounded to `dtype`; into `out` (contiguous, that shape; fp32 or bf16 with the native kernels) when
+        given, and then in out's dtype."""
         stop = self.out_features if stop is None else stop
-        if self.use_native:
-            w = native.dequantize_q4_0(self.packed, self.scales, self.in_features, start, stop, out)
+        if self.use_native and (out is None or out.dtype in (torch.float32, torch.bfloat16)):
+            w = native.dequantize_q4_0(self.packed, self.scales, self.in_features, start, stop, out,
+                                       dtype=out.dtype if out is not None else torch.float32)
         else:
             values, d = unpack_q4_0(self.packed[start // Q4_ROWS: -(-stop // Q4_ROWS)],
                                     self.scales[start // Q4_ROWS: -(-stop // Q4_ROWS)])
             w = (values.float() * d[..., None]).flatten(1)[: stop - start, : self.in_features]
             if out is not None:
                 w = out.copy_(w)
-        return w.to(dtype)
+        return w if out is not None else w.to(dtype)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         values, d = unpack_q4_0(self.packed, self.scales, ids.reshape(-1))

@@ -16,7 +16,7 @@
 int lfm2_gemv_w8a8(const float *, const int8_t *, const float *, const int32_t *, float *, int64_t, int64_t, int64_t,
                    int);
 int lfm2_gemv_q4_0(const float *, const uint8_t *, const uint16_t *, float *, int64_t, int64_t, int64_t, int);
-void lfm2_dequantize_q4_0(const uint8_t *, const uint16_t *, float *, int64_t, int64_t);
+void lfm2_dequantize_q4_0(const uint8_t *, const uint16_t *, void *, int64_t, int64_t, int);
 void lfm2_gemv_f32(const float *, const float *, float *, int64_t, int64_t, int64_t);
 void lfm2_gemv_bf16(const float *, const uint16_t *, float *, int64_t, int64_t, int64_t);
 void lfm2_gemv_i8(const float *, const int8_t *, const float *, float *, int64_t, int64_t, int64_t);
@@ -117,7 +117,7 @@ static void check_q4(int64_t M, int64_t N, int64_t K, int isa) {
                 *byte |= (uint8_t)((v + 8) << (j < 16 ? 0 : 4));
             }
         }
-    lfm2_dequantize_q4_0(packed, scales, deq, N, K);
+    lfm2_dequantize_q4_0(packed, scales, deq, N, K, 0);
     for (int64_t n = 0; n < N; n++)
         for (int64_t k = 0; k < K; k++) {
             const float want = half_to_float(scales[((n / 8) * nb + k / 32) * 8 + n % 8]) * vals[(n * nb + k / 32) * 32 + k % 32];

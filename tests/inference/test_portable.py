@@ -70,9 +70,9 @@ def test_portable_build_decodes_the_reference_tokens(portable: None) -> None:
     fast = FastLFM2.from_model(model, kernels="native")
     assert fast.step is not None  # the whole decode step in one call of the plain C build
     assert generate(fast, prompts, max_new_tokens=12).tokens == generate(model, prompts, max_new_tokens=12).tokens
-    for quant in ("w8a8", "q4_0"):  # quantized projections and the fp16 KV cache through the step
-        fused = FastLFM2.from_model(model, quant=quant, kernels="native")
-        layered = FastLFM2.from_model(model, quant=quant, kernels="native", fused=False)
+    for mode in ("w8a8", "q4_0"):  # quantized projections and the fp16 KV cache through the step
+        fused = FastLFM2.from_model(model, quant=mode, kernels="native")
+        layered = FastLFM2.from_model(model, quant=mode, kernels="native", fused=False)
         assert generate(fused, prompts, max_new_tokens=8).tokens == generate(layered, prompts, max_new_tokens=8).tokens
 
 

@@ -114,14 +114,7 @@ static int linear(const lfm2_linear *l, const float *x, float *y, int64_t M) {
     }
 }
 
-/* float -> bf16 / fp16 bits, round to nearest even (what torch's .to() does); NaN stays NaN. */
-static uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
+/* float -> fp16 bits, round to nearest even (what torch's .to(torch.float16) does); NaN stays NaN. */
 static uint16_t to_f16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -140,7 +133,7 @@ static uint16_t to_f16(float f) {
 
 /* n floats -> bf16 (dtype LFM2_KV_BF16) or fp16 (LFM2_KV_F16) bits; exported for the tests. */
 void lfm2_round_half(const float *x, uint16_t *out, int64_t n, int dtype) {
-    for (int64_t i = 0; i < n; i++) out[i] = dtype == LFM2_KV_BF16 ? to_bf16(x[i]) : to_f16(x[i]);
+    for (int64_t i = 0; i < n; i++) out[i] = dtype == LFM2_KV_BF16 ? lfm2_float_to_bf16(x[i]) : to_f16(x[i]);
 }
 
 static void store_kv(void *cache, int64_t dtype, int64_t at, const float *x, int64_t D) {

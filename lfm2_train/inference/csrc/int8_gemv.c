@@ -532,9 +532,11 @@ int lfm2_gemv_q4_0(const float *x, const uint8_t *packed, const uint16_t *scales
     return 0;
 }
 
-/* The float weights of a q4_0 matrix, (N, K) fp32 (for prefill's GEMM); exact: d * (nibble - 8) has at
- * most 15 significant bits. */
-void lfm2_dequantize_q4_0(const uint8_t *packed, const uint16_t *scales, float *out, int64_t N, int64_t K) {
+/* The float weights of a q4_0 matrix, (N, K), for prefill's GEMM: fp32 (exact: d * (nibble - 8) has at
+ * most 15 significant bits) or, with `bf16` set, bf16 rounded to nearest even (the fp32 value's rounding, as
+ * torch's .to(torch.bfloat16); half the bytes written for a bf16 GEMM, and no second pass to convert). */
+void lfm2_dequantize_q4_0(const uint8_t *packed, const uint16_t *scales, void *out, int64_t N, int64_t K,
+                          int bf16) {
     const int64_t nb = (K + 31) / 32;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -548,7 +550,12 @@ void lfm2_dequantize_q4_0(const uint8_t *packed, const uint16_t *scales, float *
                 v[16 + j] = d * (float)((bytes[j] >> 4) - 8);
             }
             const int64_t take = K - 32 * b < 32 ? K - 32 * b : 32;
-            memcpy(out + n * K + 32 * b, v, (size_t)take * sizeof(float));
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + n * K + 32 * b;
+                for (int64_t j = 0; j < take; j++) o[j] = lfm2_float_to_bf16(v[j]);
+            } else {
+                memcpy((float *)out + n * K + 32 * b, v, (size_t)take * sizeof(float));
+            }
         }
     }
 }

@@ -62,6 +62,14 @@ enum { LFM2_ARCH_X86 = 0, LFM2_ARCH_NEON = 1, LFM2_ARCH_PORTABLE = 2 };
  * before their parallel loop; the OpenMP workers only read it. Returns NULL when out of memory. */
 void *lfm2_workspace(size_t bytes);
 
+/* float -> bf16 bits, round to nearest even (what torch's .to(torch.bfloat16) does); NaN stays NaN. */
+static inline uint16_t lfm2_float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* IEEE fp16 bits -> float, exactly (subnormals included): fp16 scales and the fp16 KV cache. */
 static inline float lfm2_half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
