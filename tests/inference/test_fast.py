@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lfm2_train.inference import SamplingConfig, generate, left_pad, native
-from lfm2_train.inference.fast import FastLFM2
-from lfm2_train.inference.quant import Int8Linear, quantize_rowwise
+from lfm2_train.inference.fast import DenseLinear, FastLFM2
+from lfm2_train.inference.quant import Int8Linear, W8A8Linear, quantize_rowwise
 from lfm2_train.model import LFM2ForCausalLM, get_preset
 
 # Prompts of different lengths, so the batch is left-padded (1-token row included).
@@ -176,8 +176,16 @@ def test_weight_bytes_per_token() -> None:
     assert int8.weight_bytes_per_token < 0.3 * 4 * model.num_parameters()  # int8 + fp32 scales, norms, taps
     w8a8 = FastLFM2.from_model(model, quant="w8a8", kernels="torch").weight_bytes_per_token
     assert w8a8 == int8.weight_bytes_per_token
-    q4 = FastLFM2.from_model(model, quant="q4_0").weight_bytes_per_token
+    pure = FastLFM2.from_model(model, quant="q4_0", head_quant="q4_0")
+    q4 = pure.weight_bytes_per_token
     assert q4 < 0.6 * w8a8  # 4.5 bits per weight in the projections
+    mixed = FastLFM2.from_model(model, quant="q4_0")  # the default keeps the LM head at 8 bits
+    assert mixed.head_quant == "w8a8" and isinstance(mixed.head, W8A8Linear) and mixed.embed_q is mixed.head
+    assert mixed.weight_bytes_per_token == q4 - pure.head.nbytes + mixed.head.nbytes
+    assert FastLFM2.from_model(model, quant="w8a8").head_quant == "w8a8"
+    assert isinstance(FastLFM2.from_model(model, quant="q4_0", head_quant=None).head, DenseLinear)
+    with pytest.raises(ValueError, match="head_quant"):
+        FastLFM2.from_model(model, quant="q4_0", head_quant="q2")
 
 
 def test_state_bytes_are_kv_plus_conv_window() -> None:
