@@ -5,13 +5,14 @@ against. One checkpoint (default: the `lfm2-350m` preset, random init, seeded; o
 with our GGUF exporter (`lfm2_train.export.export_gguf`) to every llama.cpp type a mode needs, and both
 engines run batch 1 with the same thread count (`--threads`):
 
-| mode | ours (`FastLFM2.from_model`)                      | llama.cpp file |
-|------|---------------------------------------------------|----------------|
-| f32  | `dtype=torch.float32`                             | f32            |
-| bf16 | `dtype=torch.bfloat16`                            | bf16 (*)       |
-| int8 | weight-only int8 (`quant="int8"`, or `int8=True`) | q8_0           |
-| w8a8 | int8 weights and activations (`quant="w8a8"`)     | q8_0           |
-| q4_0 | 4-bit blocks (`quant="q4_0"`)                     | q4_0           |
+| mode      | ours (`FastLFM2.from_model`)                          | llama.cpp file                   |
+|-----------|-------------------------------------------------------|----------------------------------|
+| f32       | `dtype=torch.float32`                                 | f32                              |
+| bf16      | `dtype=torch.bfloat16`                                | bf16 (*)                         |
+| int8      | weight-only int8 (`quant="int8"`, or `int8=True`)     | q8_0                             |
+| w8a8      | int8 weights and activations (`quant="w8a8"`)         | q8_0                             |
+| q4_0      | 4-bit blocks, 8-bit LM head (`quant="q4_0"`)          | q4_0, q8_0 output (`token_embd`) |
+| q4_0-pure | 4-bit everywhere (`quant="q4_0", head_quant="q4_0"`)  | q4_0 throughout (`--pure`)       |
 
 (*) If the llama.cpp build cannot load a bf16 file, the row becomes f16 vs `dtype=torch.float16`.
 
@@ -84,12 +85,18 @@ class Mode:
     """One row pair: our fast path's setting and the llama.cpp file type it is compared with."""
 
     name: str
-    ours: str  # f32 | bf16 | f16 | int8 | w8a8 | q4_0
+    ours: str  # f32 | bf16 | f16 | int8 | w8a8 | q4_0 | q4_0-pure (fast_kwargs)
     gguf: str  # export dtype (lfm2_train.export.gguf_dtypes())
+    output: str | None = None  # the export's output_dtype (the head's type); None = gguf
+
+    @property
+    def file_key(self) -> str:
+        return self.gguf if self.output in (None, self.gguf) else f"{self.gguf}+{self.output}-output"
 
 
 MODES = {m.name: m for m in (Mode("f32", "f32", "f32"), Mode("bf16", "bf16", "bf16"), Mode("int8", "int8", "q8_0"),
-                             Mode("w8a8", "w8a8", "q8_0"), Mode("q4_0", "q4_0", "q4_0"))}
+                             Mode("w8a8", "w8a8", "q8_0"), Mode("q4_0", "q4_0", "q4_0", "q8_0"),
+                             Mode("q4_0-pure", "q4_0-pure", "q4_0"))}
 F16_MODE = Mode("f16", "f16", "f16")  # stands in for bf16 when the llama.cpp build cannot load a bf16 file
 
 
@@ -162,8 +169,11 @@ def fast_kwargs(ours: str) -> dict[str, Any]:
     if ours in FLOAT_DTYPES:
         return {"dtype": FLOAT_DTYPES[ours]}
     params = inspect.signature(FastLFM2.from_model).parameters
+    quant, pure = ours.removesuffix("-pure"), ours.endswith("-pure")
+    if pure and "head_quant" not in params:
+        raise Unavailable(f"FastLFM2.from_model has no head_quant= parameter for {ours!r}")
     if "quant" in params:
-        return {"dtype": torch.float32, "quant": ours}
+        return {"dtype": torch.float32, "quant": quant, **({"head_quant": quant} if pure else {})}
     if ours == "int8" and "int8" in params:
         return {"dtype": torch.float32, "int8": True}
     raise Unavailable(f"FastLFM2.from_model has no quant= parameter for {ours!r}")
@@ -321,19 +331,21 @@ def write_checkpoint(out: Path, preset: str, seed: int) -> Path:
     return out
 
 
-def export(model_dir: Path, gguf_type: str, work: Path, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Export `model_dir` as `gguf_type` once per run (q8_0 serves two modes)."""
+def export(model_dir: Path, mode: Mode, work: Path, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Export `model_dir` as the mode's file once per run (q8_0 serves two modes)."""
     from lfm2_train.export import export_gguf
     from lfm2_train.tokenizer import tiny_tokenizer_path
 
-    if gguf_type not in files:
+    key = mode.file_key
+    if key not in files:
         tokenizer = None if (model_dir / "tokenizer.json").is_file() else tiny_tokenizer_path()
         t0 = time.perf_counter()
-        summary = export_gguf(model_dir, work / f"model-{gguf_type}.gguf", gguf_type, tokenizer=tokenizer)
+        summary = export_gguf(model_dir, work / f"model-{key}.gguf", mode.gguf, tokenizer=tokenizer,
+                              output_dtype=mode.output)
         summary["export_s"] = time.perf_counter() - t0
-        files[gguf_type] = summary
-        print(f"exported {gguf_type}: {summary['bytes'] / 1e6:.1f} MB in {summary['export_s']:.0f}s", flush=True)
-    return files[gguf_type]
+        files[key] = summary
+        print(f"exported {key}: {summary['bytes'] / 1e6:.1f} MB in {summary['export_s']:.0f}s", flush=True)
+    return files[key]
 
 
 # ---------------------------------------------------------------------------------------------- bench
@@ -360,7 +372,7 @@ def bench_mode(mode: Mode, ours: Engine, theirs: Engine, prompts: dict[int, list
     weight_bytes = ours.info["weight_bytes_per_token"]
     rows = []
     for T in prompts:
-        row: dict[str, Any] = {"mode": mode.name, "ours": mode.ours, "gguf": mode.gguf, "prompt": T,
+        row: dict[str, Any] = {"mode": mode.name, "ours": mode.ours, "gguf": mode.file_key, "prompt": T,
                                "decode_steps": n}
         for name in engines:
             runs = raw[(T, name)]
@@ -420,7 +432,7 @@ def bench(args: argparse.Namespace, llama_cpp: ModuleType) -> dict[str, Any]:
                     print(f"{mode.name}: not available ({err})", flush=True)
                     continue
                 params = ours.info["params"]
-                summary = export(model_dir, mode.gguf, work, files)
+                summary = export(model_dir, mode, work, files)
                 try:
                     theirs = stack.enter_context(Engine({**base, "engine": "theirs", "gguf": summary["path"]}))
                 except Unavailable as err:
@@ -430,7 +442,7 @@ def bench(args: argparse.Namespace, llama_cpp: ModuleType) -> dict[str, Any]:
                     ours.close()
                     mode = F16_MODE
                     ours = stack.enter_context(Engine({**base, "engine": "ours", "mode": mode.ours}))
-                    summary = export(model_dir, mode.gguf, work, files)
+                    summary = export(model_dir, mode, work, files)
                     theirs = stack.enter_context(Engine({**base, "engine": "theirs", "gguf": summary["path"]}))
                 mode_rows = bench_mode(mode, ours, theirs, prompts, args, reference, bandwidth, summary["bytes"])
             if mode.name == "f32":

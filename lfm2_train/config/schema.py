@@ -428,6 +428,9 @@ class ExportStageConfig:
     tokenizer: str | None = None  # gguf: directory with tokenizer.json / tokenizer_config.json; None = source
     pre_tokenizer: str | None = None  # gguf: llama.cpp's tokenizer.ggml.pre; None = detected (lfm2 | gpt-2)
     model_name: str | None = None  # gguf: general.name; None = the source directory's name
+    # gguf: the output projection's type (output.weight, or token_embd.weight when tied); None = dtype.
+    # llama.cpp keeps it above 4 bits (q8_0 here) in its q4 files; FastLFM2's q4_0 keeps its head at 8 bits too.
+    output_dtype: str | None = None
     # a PEFT adapter directory folded into `source` first (a source that is itself an adapter directory is
     # folded into the base it records without this)
     merge_adapter: str | None = None

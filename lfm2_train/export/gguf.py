@@ -187,6 +187,14 @@ def gguf_tensors(state: dict[str, torch.Tensor], config: LFM2Config) -> Iterator
                                                                                            np.float32)
 
 
+def is_output_tensor(gguf_name: str, config: LFM2Config) -> bool:
+    """Whether llama.cpp multiplies the final hidden states by this tensor: `output.weight`, or `token_embd.weight`
+    when the head is tied (llama.cpp then reuses the embedding table as the output)."""
+    if gguf_name == f"{gguf.TENSOR_NAMES[T.OUTPUT]}.weight":
+        return True
+    return gguf_name == f"{gguf.TENSOR_NAMES[T.TOKEN_EMBD]}.weight" and config.tie_word_embeddings
+
+
 def encode_tensor(name: str, data: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
     """The bytes-or-values array `GGUFWriter.add_tensor` takes, and its tensor type."""
     qtype = gguf_tensor_type(name, data.shape, dtype)
@@ -316,16 +324,20 @@ def _dense_ff_dim(state: dict[str, torch.Tensor], config: LFM2Config) -> int:
 # ------------------------------------------------------------------------------------------------- main
 def export_gguf(source: str | Path, output: str | Path, dtype: str = "f16", *,
                 tokenizer: str | Path | None = None, pre_tokenizer: str | None = None,
-                name: str | None = None) -> dict[str, Any]:
+                name: str | None = None, output_dtype: str | None = None) -> dict[str, Any]:
     """Write the HF checkpoint directory `source` as the GGUF file `output`, atomically.
 
-    `dtype` is one of `gguf_dtypes()`; `tokenizer` a directory with tokenizer.json (default: `source`);
+    `dtype` is one of `gguf_dtypes()`; `output_dtype` (also one of them; default: `dtype`) is the type of the
+    output projection (`output.weight`, or `token_embd.weight` when the head is tied), which llama.cpp's
+    `llama-quantize` keeps at more bits than a 4-bit body (its `--output-tensor-type`; the fast CPU path's
+    q4_0 keeps its LM head at 8 bits the same way); `tokenizer` a directory with tokenizer.json (default: `source`);
     `pre_tokenizer` overrides the detected `tokenizer.ggml.pre`; `name` is `general.name` (default: the
     directory's name). Returns a summary (path, bytes, sha256, tensor types, metadata highlights).
     """
-    if dtype not in GGUF_DTYPES:
-        raise GGUFExportError(f"GGUF dtype {dtype!r} is not one of {gguf_dtypes()} (k-quants need llama.cpp's "
-                              f"llama-quantize on an f16 / bf16 file)")
+    for what, value in (("dtype", dtype), ("output dtype", output_dtype or dtype)):
+        if value not in GGUF_DTYPES:
+            raise GGUFExportError(f"GGUF {what} {value!r} is not one of {gguf_dtypes()} (k-quants need llama.cpp's "
+                                  f"llama-quantize on an f16 / bf16 file)")
     source, output = Path(source), Path(output)
     config = read_config(source)
     check_supported(config)
@@ -343,10 +355,11 @@ def export_gguf(source: str | Path, output: str | Path, dtype: str = "f16", *,
     types: Counter[str] = Counter()
     fallbacks = []
     for tname, data in gguf_tensors(state, config):
-        encoded, qtype = encode_tensor(tname, data, dtype)
+        tensor_dtype = (output_dtype or dtype) if is_output_tensor(tname, config) else dtype
+        encoded, qtype = encode_tensor(tname, data, tensor_dtype)
         writer.add_tensor(tname, encoded, raw_dtype=qtype)
         types[qtype.name] += 1
-        if qtype == QT.F16 and GGUF_DTYPES[dtype][0] not in (QT.F16, QT.F32):
+        if qtype == QT.F16 and GGUF_DTYPES[tensor_dtype][0] not in (QT.F16, QT.F32):
             fallbacks.append(tname)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -364,6 +377,7 @@ def export_gguf(source: str | Path, output: str | Path, dtype: str = "f16", *,
     with output.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
-    return {"path": str(output), "format": "gguf", "dtype": dtype, "architecture": arch,
+    return {"path": str(output), "format": "gguf", "dtype": dtype, "output_dtype": output_dtype or dtype,
+            "architecture": arch,
             "bytes": output.stat().st_size, "sha256": digest.hexdigest(), "tensor_types": dict(types),
             "f16_fallback": fallbacks, "pre_tokenizer": pre, "source": str(source)}

@@ -41,8 +41,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if dtype not in gguf_dtypes():
             raise ValueError(f"stage.dtype={dtype!r} for gguf; choose one of {gguf_dtypes()}")
         target = Path(stage.output) if stage.output else out_dir / f"model-{dtype}.gguf"
+        if stage.output_dtype is not None and stage.output_dtype not in gguf_dtypes():
+            raise ValueError(f"stage.output_dtype={stage.output_dtype!r} for gguf; choose one of {gguf_dtypes()}")
         summary = export_gguf(source, target, dtype, tokenizer=stage.tokenizer, pre_tokenizer=stage.pre_tokenizer,
-                              name=stage.model_name)
+                              name=stage.model_name, output_dtype=stage.output_dtype)
     else:
         target = Path(stage.output) if stage.output else out_dir / "model"
         summary = export_hf(source, target, dtype=stage.dtype, check_transformers=stage.check_transformers)

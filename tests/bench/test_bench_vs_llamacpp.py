@@ -44,6 +44,8 @@ def test_prefix_agreement_counts_up_to_the_first_difference():
 
 def test_a_quant_mode_the_fast_path_lacks_is_unavailable_not_an_error(monkeypatch):
     module = _module()
+    assert module.fast_kwargs("q4_0-pure") == {"dtype": module.torch.float32, "quant": "q4_0", "head_quant": "q4_0"}
+    assert module.MODES["q4_0"].file_key == "q4_0+q8_0-output" and module.MODES["q4_0-pure"].file_key == "q4_0"
 
     def old_from_model(model, *, dtype=None, int8=False, prefill_chunk=512, kernels="auto"):
         raise AssertionError("not called")
@@ -60,6 +62,8 @@ def test_a_quant_mode_the_fast_path_lacks_is_unavailable_not_an_error(monkeypatc
 
     monkeypatch.setattr(module.FastLFM2, "from_model", new_from_model)
     assert module.fast_kwargs("w8a8") == {"dtype": module.torch.float32, "quant": "w8a8"}
+    with pytest.raises(module.Unavailable, match="no head_quant= parameter"):
+        module.fast_kwargs("q4_0-pure")
     assert module.build_fast(None, "int8", "auto") == "fast"
     with pytest.raises(module.Unavailable, match="unknown quant 'w8a8'"):
         module.build_fast(None, "w8a8", "auto")

@@ -171,6 +171,26 @@ def test_untied_head_and_f16_fallback(tmp_path):
         check_close(name, dequantised(got[name]), value, qtype)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_tensor_takes_its_own_dtype(tmp_path, tied):
+    """q4_0 body, q8_0 output projection (llama-quantize's convention above 4 bits): only the tensor llama.cpp
+    multiplies the hidden states by changes type -- `output.weight`, or `token_embd.weight` when tied."""
+    src = write_model_dir(tmp_path / "src", tie_word_embeddings=tied)
+    summary = export_gguf(src, tmp_path / "m.gguf", "q4_0", output_dtype="q8_0")
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    out = "token_embd.weight" if tied else "output.weight"
+    assert summary["output_dtype"] == "q8_0" and summary["dtype"] == "q4_0"
+    want = expected_tensors(src)
+    for name, value in want.items():
+        qtype = expected_type(name, value.shape, "q8_0" if name == out else "q4_0")
+        assert got[name].tensor_type == qtype, name
+        check_close(name, dequantised(got[name]), value, qtype)
+    if not tied:
+        assert got["token_embd.weight"].tensor_type == QT.Q4_0  # the input table stays in the body's type
+    with pytest.raises(GGUFExportError, match="output dtype 'q6_k'"):
+        export_gguf(src, tmp_path / "x.gguf", "q4_0", output_dtype="q6_k")
+
+
 def test_moe_without_expert_bias_gets_zero_bias(tmp_path):
     src = write_model_dir(tmp_path / "nobias", preset="tiny_moe", use_expert_bias=False)
     export_gguf(src, tmp_path / "m.gguf", "f32")

@@ -45,6 +45,12 @@ def test_gguf(checkpoint, tmp_path):
                              f"stage.output={tmp_path / 'x.gguf'}", "stage.model_name=my-lfm2"))
     reader = gguf.GGUFReader(tmp_path / "x.gguf")
     assert summary["dtype"] == "f16" and reader.get_field("general.name").contents() == "my-lfm2"
+    # stage.output_dtype: the output projection (tied: token_embd) in its own type
+    summary = run_stage(_cfg(tmp_path / "c", "stage.format=gguf", "stage.dtype=q4_0", "stage.output_dtype=q8_0",
+                             f"stage.source={checkpoint}"))
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(summary["path"]).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q4_0
 
 
 def test_hf_recast(checkpoint, tmp_path):
@@ -66,6 +72,8 @@ def test_refusals(checkpoint, tmp_path):
         run_stage(_cfg(tmp_path, "stage.format=gguf"))
     with pytest.raises(ValueError, match="q3_k"):
         run_stage(_cfg(tmp_path, "stage.format=gguf", "stage.dtype=q3_k", f"stage.source={checkpoint}"))
+    with pytest.raises(ValueError, match="stage.output_dtype='q6_k'"):
+        run_stage(_cfg(tmp_path, "stage.format=gguf", "stage.output_dtype=q6_k", f"stage.source={checkpoint}"))
     with pytest.raises(ValueError, match="int8"):
         run_stage(_cfg(tmp_path, "stage.dtype=int8", f"stage.source={checkpoint}"))
     with pytest.raises(ConfigCompositionException):
