@@ -4,14 +4,16 @@ Why a second implementation: the training model is written for autograd, packing
 decode on a CPU is instead bound by the bytes of weights streamed per token and by per-op overhead. Here:
 - weights are re-laid out once: fused QKV and fused w1|w3 (one matrix-vector product instead of three / two),
   optionally quantized (`quant.py`: weight-only int8, W8A8 or q4_0; `quant=`);
-- all state is preallocated (KV for attention layers, a (k-1)-token window for conv layers, RoPE tables), and a
-  decode step is a straight sequence of tensor ops — no layout objects, no mask building without padding;
-- decode's matrix-vector products, GQA attention (no repeated K/V copies), and its RMSNorms and conv
-  steps run in native kernels (`native.py`, `csrc/decode.c`) when they build here (`kernels=`), else in torch
-  ops (batched products over the KV heads for attention);
-- prefill's GEMMs go through oneDNN (`native.gemm`); in bf16 they upcast each weight to fp32 first, because
-  CPUs without native bf16 (AVX2) run bf16 GEMMs several times slower than fp32, while the matrix-vector
-  products of decode read bf16 (half the bytes);
+- all state is preallocated (KV for attention layers -- fp16 under quantized weights, `kv_dtype=` -- a
+  (k-1)-token window for conv layers, RoPE tables), no layout objects, no mask building without padding;
+- with the native kernels (`native.py`, `csrc/`; `kernels=`), a decode step is one native call that runs every
+  layer (`decode_step.py`); otherwise (MoE layers, more than GEMM_MIN_ROWS rows, no kernels) it is a straight
+  sequence of tensor ops with native matrix-vector products, attention, norms and conv steps where they
+  build, torch ops elsewhere (batched products over the KV heads for attention);
+- the weights decode streams, and the KV caches, live in huge-page-advised memory (`pages.py`);
+- prefill's GEMMs go through oneDNN (`native.gemm`); bf16 stays bf16 on CPUs with bf16 matrix hardware and is
+  upcast to fp32 elsewhere (CPUs without it, e.g. AVX2, run bf16 GEMMs several times slower than fp32),
+  while the matrix-vector products of decode read bf16 (half the bytes);
 - prefill runs in chunks (`prefill_chunk` tokens), so activations stay cache-sized.
 
 Public API (used by generation, eval and search):

@@ -1,6 +1,7 @@
 """The matrix products of the fast CPU path: `gemv` (decode; native C kernels) and `gemm` (prefill; oneDNN).
 
 The kernels (`csrc/*.c`) are compiled on first use and cached; callers fall back to torch ops without them.
+`csrc/decode_step.c` sequences them into a whole decode step (driven by `decode_step.py`).
 
 Why compiled kernels: batch-1 decode streams every weight once per token, and the matrix-vector product
 torch reaches on CPU (MKL's GEMV) runs well below the memory bandwidth on some machines (see the C files and
