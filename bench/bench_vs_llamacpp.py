@@ -30,8 +30,8 @@ attention off, `logits_all=False` (logits of the last position only, read with `
 
 Greedy agreement: how many of the first `--decode` greedy tokens (the prefill's argmax, then each decode
 step's) agree before the first difference, between the two engines and against our fp32 path.
-Bandwidth limit: read bandwidth measured here (`bench_fast_decode.read_bandwidth`: a 512 MiB `amax`, the
-read-only stream a decode step is; copy bandwidth is reported too) / weight bytes one decode step reads; the
+Bandwidth limit: read bandwidth measured here (`bench_fast_decode.read_bandwidth`: a 512 MiB `amax` from
+huge-page-advised memory, the read-only stream a decode step is; copy bandwidth is reported too) / weight bytes one decode step reads; the
 fraction of it each engine reaches (ours: `FastLFM2.weight_bytes_per_token`; llama.cpp: the GGUF
 file's tensor bytes, which a step reads whole, the tied head included).
 
