@@ -23,7 +23,8 @@ Per mode and prompt length T: prefill = a fresh state / cache and one pass over 
 single-token steps with greedy argmax over the last logits, tokens/s = steps / time. Each engine runs in its
 own worker process, loaded once per mode and warmed up once; the parent then has them run strictly
 alternating (ours, theirs, ours, theirs, ...; one computes while the other waits on its pipe) for `--reps`
-repetitions; tok/s are medians. llama.cpp runs as llama-cpp-python users get it by default:
+repetitions; tok/s are medians, ratios both of the medians and paired (`add_ratios`). llama.cpp runs as
+llama-cpp-python users get it by default:
 `n_batch` = `n_ubatch` = 512 (the prompt goes through in 512-token batches, as our `prefill_chunk` of 512;
 llama-cli's default `n_batch` of 2048 splits into the same 512-token ubatches), f16 KV cache, flash
 attention off, `logits_all=False` (logits of the last position only, read with `llama_get_logits_ith`).
@@ -31,9 +32,9 @@ attention off, `logits_all=False` (logits of the last position only, read with `
 Greedy agreement: how many of the first `--decode` greedy tokens (the prefill's argmax, then each decode
 step's) agree before the first difference, between the two engines and against our fp32 path.
 Bandwidth limit: read bandwidth measured here (`bench_fast_decode.read_bandwidth`: a 512 MiB `amax` from
-huge-page-advised memory, the read-only stream a decode step is; copy bandwidth is reported too) / weight bytes one decode step reads; the
-fraction of it each engine reaches (ours: `FastLFM2.weight_bytes_per_token`; llama.cpp: the GGUF
-file's tensor bytes, which a step reads whole, the tied head included).
+huge-page-advised memory, the read-only stream a decode step is; copy bandwidth is reported too) / weight
+bytes one decode step reads; the fraction of it each engine reaches (ours: `FastLFM2.weight_bytes_per_token`;
+llama.cpp: the GGUF file's tensor bytes, which a step reads whole, the tied head included).
 
     pip install -e ".[deploy]"                                     # llama-cpp-python (compiles llama.cpp)
     PYTHONPATH=. python bench/bench_vs_llamacpp.py                 # 350M, prompts 512 and 2048, 3 reps
@@ -349,6 +350,17 @@ def export(model_dir: Path, mode: Mode, work: Path, files: dict[str, dict[str, A
 
 
 # ---------------------------------------------------------------------------------------------- bench
+def add_ratios(row: dict[str, Any]) -> dict[str, Any]:
+    """Speed ratios ours / llama.cpp of a row with per-repetition times: of the medians, and paired (the median
+    of the per-repetition ratios: each repetition ran the two engines back to back, so a slow spell of the
+    machine hits both sides of a pair; on a shared box that is the steadier number)."""
+    for part in ("prefill", "decode"):
+        ours, theirs = row[f"ours_{part}_s"], row[f"theirs_{part}_s"]
+        row[f"{part}_ratio"] = row[f"ours_{part}_tok_s"] / row[f"theirs_{part}_tok_s"]
+        row[f"{part}_ratio_paired"] = statistics.median(t / o for o, t in zip(ours, theirs))
+    return row
+
+
 def bench_mode(mode: Mode, ours: Engine, theirs: Engine, prompts: dict[int, list[int]], args: argparse.Namespace,
                reference: dict[int, list[int]] | None, bandwidth: float, gguf_bytes: int) -> list[dict[str, Any]]:
     """Warm both engines up, then time them strictly alternating; one row per prompt length.
@@ -380,8 +392,7 @@ def bench_mode(mode: Mode, ours: Engine, theirs: Engine, prompts: dict[int, list
             row[f"{name}_decode_s"] = [r.decode_s for r in runs]
             row[f"{name}_prefill_tok_s"] = T / statistics.median(r.prefill_s for r in runs)
             row[f"{name}_decode_tok_s"] = n / statistics.median(r.decode_s for r in runs)
-        row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["theirs_prefill_tok_s"]
-        row["decode_ratio"] = row["ours_decode_tok_s"] / row["theirs_decode_tok_s"]
+        add_ratios(row)
         ours_tokens, theirs_tokens = raw[(T, "ours")][0].tokens, raw[(T, "theirs")][0].tokens
         ref = reference[T] if reference is not None else ours_tokens
         row["ours_tokens"], row["theirs_tokens"] = ours_tokens, theirs_tokens
@@ -469,16 +480,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"llama-cpp-python {m['llama_cpp_python']} "
         f"(n_batch {result['n_batch']}, f16 KV cache), gguf {m['gguf']}; our native kernels {m['native_kernels']}.",
         "",
-        "| mode (ours / llama.cpp) | prompt | prefill tok/s ours | theirs | ratio | decode tok/s ours | theirs "
-        "| ratio | greedy agree (ours-theirs, ours-fp32, theirs-fp32) | % of bandwidth limit (ours, theirs) |",
+        "| mode (ours / llama.cpp) | prompt | prefill tok/s ours | theirs | ratio (paired) | decode tok/s ours "
+        "| theirs | ratio (paired) | greedy agree (ours-theirs, ours-fp32, theirs-fp32) "
+        "| % of bandwidth limit (ours, theirs) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in result["rows"]:
         n = r["decode_steps"]
         lines.append(
             f"| {r['ours']} / {r['gguf']} | {r['prompt']} | {r['ours_prefill_tok_s']:.1f} | "
-            f"{r['theirs_prefill_tok_s']:.1f} | {r['prefill_ratio']:.2f} | {r['ours_decode_tok_s']:.2f} | "
-            f"{r['theirs_decode_tok_s']:.2f} | {r['decode_ratio']:.2f} | {r['greedy_agree']}/{n}, "
+            f"{r['theirs_prefill_tok_s']:.1f} | {r['prefill_ratio']:.2f} ({r['prefill_ratio_paired']:.2f}) | "
+            f"{r['ours_decode_tok_s']:.2f} | {r['theirs_decode_tok_s']:.2f} | "
+            f"{r['decode_ratio']:.2f} ({r['decode_ratio_paired']:.2f}) | {r['greedy_agree']}/{n}, "
             f"{r['ours_vs_our_fp32']}/{n}, {r['theirs_vs_our_fp32']}/{n} | "
             f"{r['ours_frac_of_limit']:.0%}, {r['theirs_frac_of_limit']:.0%} |")
     for name, why in result["not_available"].items():
