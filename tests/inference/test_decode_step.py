@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lfm2_train.inference import generate, left_pad, native, pages
+from lfm2_train.inference.decode_step import LIN_BF16, LIN_Q4_0, LIN_W8A8
 from lfm2_train.inference.fast import GEMM_MIN_ROWS, FastLFM2
 from lfm2_train.model import LFM2ForCausalLM, get_preset
 
@@ -51,6 +52,22 @@ def test_step_matches_layer_by_layer(mode: str, kv: str) -> None:
     want, got = decode_logits(layered), decode_logits(fused)
     rel = ((got - want).abs().max() / want.abs().max()).item()
     assert rel <= TOL[mode], rel
+
+
+@needs_native
+@pytest.mark.parametrize("mode", ["bf16", "w8a8", "q4_0"])
+def test_step_runs_the_isa_level_its_projections_chose(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capped at AVX2 (as on an AVX2-only CPU), the step runs the projections' AVX2 variants (bf16: weights
+    widened to fp32, not vdpbf16ps; int8 products: vpmaddubsw) and still matches the layer path."""
+    monkeypatch.setenv(native.ENV_ISA, native.isas()[0])
+    model = tiny()
+    dtype, quant = MODES[mode]
+    fused = FastLFM2.from_model(model, dtype=dtype, quant=quant, kernels="native")
+    layered = FastLFM2.from_model(model, dtype=dtype, quant=quant, kernels="native", fused=False)
+    layer = fused.step._layers[0]
+    assert layer.w13.kind == {"bf16": LIN_BF16, "w8a8": LIN_W8A8, "q4_0": LIN_Q4_0}[mode] and layer.w13.isa == 0
+    want, got = decode_logits(layered), decode_logits(fused)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= TOL[mode]
 
 
 def test_kv_cache_dtype_defaults() -> None:
