@@ -86,6 +86,7 @@ _SIGNATURES = {
     "lfm2_dequantize_q4_0": [_PTR, _PTR, _PTR, _I64, _I64, _INT],
     "lfm2_decode_step": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR],
     "lfm2_round_half": [_PTR, _PTR, _I64, _INT],
+    "lfm2_swiglu_f32": [_PTR, _PTR, _I64, _I64],
 }
 # Present only when the compiler can target AVX512 (csrc/kernels.h: LFM2_HAVE_AVX512).
 _OPTIONAL = {"lfm2_gemv_bf16_avx512": [_PTR, _PTR, _PTR, _I64, _I64, _I64]}
@@ -469,6 +470,16 @@ def round_half(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=dtype)
     require().lfm2_round_half(x.data_ptr(), out.data_ptr(), x.numel(), codes[dtype])
+    return out
+
+
+def swiglu(ab: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of fp32 rows as the decode step computes it: ab (B, 2 ff) = [w1 x | w3 x] -> silu(w1 x) * w3 x."""
+    if ab.dtype != torch.float32 or ab.dim() != 2 or ab.shape[1] % 2:
+        raise ValueError(f"swiglu takes fp32 (B, 2 ff), got {ab.dtype} {tuple(ab.shape)}")
+    ab = ab.contiguous()
+    out = torch.empty(ab.shape[0], ab.shape[1] // 2, dtype=torch.float32)
+    require().lfm2_swiglu_f32(ab.data_ptr(), out.data_ptr(), ab.shape[0], ab.shape[1] // 2)
     return out
 
 

@@ -153,6 +153,17 @@ def test_kernel_rounding_to_16_bits_equals_torch(dtype: torch.dtype) -> None:
     assert bool(native.round_half(torch.tensor([float("nan")]), dtype).isnan().all())
 
 
+@needs_native
+def test_swiglu_matches_torch_over_the_exponent_range() -> None:
+    """The step's vectorised SwiGLU (exp within about 1 ulp) against torch, with a tail and inputs where
+    exp(-a) under- or overflows."""
+    g = torch.Generator().manual_seed(0)
+    ab = torch.randn(3, 2 * 37, generator=g) * 8
+    ab[0, :6] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.5, -88.5])
+    a, gate = ab.chunk(2, dim=-1)
+    torch.testing.assert_close(native.swiglu(ab), torch.nn.functional.silu(a) * gate, rtol=2e-6, atol=1e-30)
+
+
 # ---------------------------------------------------------------------------------------------- pages
 def _mapping_flags(t: torch.Tensor) -> str:
     """The smaps block of the mapping holding t's first byte ('' where /proc is not there)."""

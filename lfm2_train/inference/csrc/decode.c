@@ -343,6 +343,26 @@ void lfm2_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, i
 
 #endif /* LFM2_X86 */
 
+#if LFM2_X86
+/* SwiGLU of fp32 rows: out[b, j] = silu(ab[b, j]) * ab[b, ff + j], ab = [w1 x | w3 x] (B, 2 ff). Vectorised
+ * with exp8 (about 1 ulp): per LFM2-350M decode step (16 layers of 4608) the scalar expf loop took 0.25-0.28 ms
+ * on the benchmark machine, this 0.04 ms. */
+void lfm2_swiglu_f32(const float *ab, float *out, int64_t B, int64_t ff) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t b = 0; b < B; b++) {
+        const float *a = ab + b * 2 * ff, *g = a + ff;
+        float *o = out + b * ff;
+        int64_t j = 0;
+        for (; j + 8 <= ff; j += 8) {
+            const __m256 x = _mm256_loadu_ps(a + j);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(g + j)));
+        }
+        for (; j < ff; j++) o[j] = a[j] / (1.0f + expf(-a[j])) * g[j];
+    }
+}
+#endif /* LFM2_X86 */
+
 /* One decode step of LFM2's gated short convolution, fp32, after in_proj:
  * bcx (B, 3d) = [b | c | x] of the new token; state (B, k-1, d) the last k-1 gated inputs, oldest first,
  * updated in place; w (k, d) the depthwise taps, oldest first; out (B, d) = c * sum_i taps_i * window_i

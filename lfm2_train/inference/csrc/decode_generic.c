@@ -133,6 +133,15 @@ void lfm2_decode_attention_f16(const float *q, const uint16_t *k, const uint16_t
     for (int64_t bg = 0; bg < B * G; bg++) attend_group(q, k, v, valid, out, H, G, L, S, D, scale, bg, W_F16);
 }
 
+/* SwiGLU of fp32 rows (decode.c's contract): out[b, j] = silu(ab[b, j]) * ab[b, ff + j]. */
+void lfm2_swiglu_f32(const float *ab, float *out, int64_t B, int64_t ff) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *a = ab + b * 2 * ff, *g = a + ff;
+        float *o = out + b * ff;
+        for (int64_t j = 0; j < ff; j++) o[j] = a[j] / (1.0f + expf(-a[j])) * g[j];
+    }
+}
+
 void lfm2_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps) {
 #pragma omp parallel for schedule(static) if (rows * d > (1 << 16))
     for (int64_t i = 0; i < rows; i++) {

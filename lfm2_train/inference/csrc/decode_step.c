@@ -78,6 +78,7 @@ int lfm2_gemv_bf16_avx512(const float *x, const uint16_t *w, float *y, int64_t M
 void lfm2_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps);
 void lfm2_conv_step_f32(const float *bcx, float *state, const float *w, float *out, int64_t B, int64_t d,
                         int64_t k);
+void lfm2_swiglu_f32(const float *ab, float *out, int64_t B, int64_t ff);
 void lfm2_decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *valid, float *out,
                                int64_t B, int64_t H, int64_t G, int64_t L, int64_t S, int64_t D, float scale);
 void lfm2_decode_attention_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid,
@@ -153,8 +154,6 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t D) {
     }
 }
 
-static float silu(float a) { return a / (1.0f + expf(-a)); }
-
 /* Scratch of one step, carved from one allocation (floats). */
 typedef struct {
     float *x, *mix, *q, *att, *y, *ff;
@@ -206,11 +205,7 @@ static int ffn(const lfm2_layer *l, scratch *s, int64_t B) {
     const int64_t ff = l->w2.K;
     int rc = linear(&l->w13, s->x, s->mix, B);
     if (rc) return rc;
-    for (int64_t b = 0; b < B; b++) {
-        const float *a = s->mix + b * 2 * ff, *g = a + ff;
-        float *o = s->ff + b * ff;
-        for (int64_t j = 0; j < ff; j++) o[j] = silu(a[j]) * g[j];
-    }
+    lfm2_swiglu_f32(s->mix, s->ff, B, ff);
     return linear(&l->w2, s->ff, s->y, B);
 }
 
