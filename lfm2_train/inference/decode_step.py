@@ -44,7 +44,7 @@ class CLayer(ctypes.Structure):
 
 
 class CModel(ctypes.Structure):
-    _fields_ = [("n_layers", _I64), ("d", _I64), ("conv_k", _I64), ("kv_dtype", _I64), ("rope_len", _I64),
+    _fields_ = [("n_layers", _I64), ("d", _I64), ("conv_k", _I64), ("kv_dtype", _I64),
                 ("eps", ctypes.c_double), ("layers", ctypes.POINTER(CLayer)), ("final_norm", _PTR),
                 ("rope_cos", _PTR), ("rope_sin", _PTR)]
 
@@ -81,7 +81,7 @@ class DecodeStep:
         self.fast = fast
         self._layers = (CLayer * len(layers))(*layers)
         cfg = fast.config
-        self._model = CModel(len(layers), cfg.hidden_size, fast.kernel, 0, 0, fast.eps,
+        self._model = CModel(len(layers), cfg.hidden_size, fast.kernel, 0, fast.eps,
                              ctypes.cast(self._layers, ctypes.POINTER(CLayer)), fast.final_norm.data_ptr(), None,
                              None)
         self._fn = native.require().lfm2_decode_step
@@ -125,7 +125,7 @@ class DecodeStep:
         kv = next(iter(state.keys.values()), None)
         m = self._model
         m.kv_dtype = KV_DTYPES[kv.dtype] if kv is not None else 0
-        m.rope_cos, m.rope_sin, m.rope_len = fast._cos.data_ptr(), fast._sin.data_ptr(), fast._cos.shape[0]
+        m.rope_cos, m.rope_sin = fast._cos.data_ptr(), fast._sin.data_ptr()
         positions = state.next_position.contiguous()
         if int(positions.max()) >= fast._cos.shape[0]:
             raise ValueError(f"RoPE table holds {fast._cos.shape[0]} positions; a row is at {int(positions.max())}")

@@ -151,6 +151,11 @@ class FastState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _check_room(state: FastState, T: int) -> None:
+    if state.length + T > state.max_length:
+        raise ValueError(f"FastState holds {state.max_length} tokens; {state.length} used, {T} more requested")
+
+
 class _Layer:
     """One decoder layer's weights, re-laid out for inference."""
 
@@ -368,8 +373,7 @@ class FastLFM2:
         if self.step is None or B > GEMM_MIN_ROWS:
             h = self._forward(state, ids.reshape(B, 1), None)
             return self.head(h[:, -1]).float()
-        if state.length + 1 > state.max_length:
-            raise ValueError(f"FastState holds {state.max_length} tokens; {state.length} used, 1 more requested")
+        _check_room(state, 1)
         h = self._embed(ids.reshape(B)).float().contiguous()  # (B, d) fp32: the step's residual stream
         self.step(state, h)
         state.length += 1
@@ -397,8 +401,7 @@ class FastLFM2:
         """ids (B, T) -> final-normed hidden (B, T, d); writes the tokens into `state`."""
         B, T = ids.shape
         P = state.length
-        if P + T > state.max_length:
-            raise ValueError(f"FastState holds {state.max_length} tokens; {P} used, {T} more requested")
+        _check_room(state, T)
         if valid is not None:
             steps = (valid.long().cumsum(1) - 1).clamp(min=0)
             state.key_valid[:, P:P + T] = valid

@@ -13,7 +13,8 @@
  * kernels always do; the KV cache holds fp32, bf16 or fp16 (rounded to nearest even when written).
  *
  * Layouts (all contiguous, row-major): h (B, d); the KV caches of attention layer i (B, G, L, D); conv state
- * (B, k-1, d) oldest first; RoPE tables (rope_len, D); key_valid (B, L) bytes (0 = padding) or NULL.
+ * (B, k-1, d) oldest first; RoPE tables (positions, D), covering every row's position; key_valid (B, L)
+ * bytes (0 = padding) or NULL.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -57,11 +58,11 @@ typedef struct {
 } lfm2_layer;
 
 typedef struct {
-    int64_t n_layers, d, conv_k, kv_dtype, rope_len;
+    int64_t n_layers, d, conv_k, kv_dtype;
     double eps;
     const lfm2_layer *layers;
     const float *final_norm;          /* (d,) */
-    const float *rope_cos, *rope_sin; /* (rope_len, D) */
+    const float *rope_cos, *rope_sin; /* (positions, D): the caller checks they cover every row */
 } lfm2_model;
 
 /* The kernels this step sequences (decode.c / decode_generic.c, bf16_gemv.c, int8_gemv.c). */
